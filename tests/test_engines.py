@@ -1,0 +1,107 @@
+"""Batched engines agree with the per-pixel / per-spectrum reference functions."""
+
+import numpy as np
+import pytest
+
+from astra_cannon.engines import SpectrumStatistics, khatri_rao_upper, label_spectra, train_pixels, unpack_symmetric
+from astra_cannon.fitting import fit_pixel_fixed_scatter, fit_spectrum, fit_theta_by_linalg
+
+
+@pytest.fixture
+def problem(truth):
+    labels, flux, ivar = truth.sample(300)
+    A = truth.vectorizer.get_label_vector((labels - truth.fiducials) / truth.scales).T
+    return A, flux, ivar
+
+
+def test_khatri_rao_packing_rebuilds_gram_matrix():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 6))
+    w = rng.random(50)
+    np.testing.assert_allclose(unpack_symmetric(w @ khatri_rao_upper(X), 6), (X * w[:, None]).T @ X, rtol=1e-12)
+
+
+def test_batched_training_equals_per_pixel_linalg_at_fixed_scatter(problem, truth):
+    A, flux, ivar = problem
+    s2 = truth.s2
+    theta, _, info = train_pixels(A, flux, ivar, fixed_s2=s2)
+    for p in range(0, flux.shape[1], 23):
+        f = np.where(ivar[:, p] > 0, flux[:, p], 0.0)
+        expected, _ = fit_theta_by_linalg(f, ivar[:, p], s2[p], A)
+        np.testing.assert_allclose(theta[p], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_batched_training_s2_matches_reference_estimate(problem):
+    A, flux, ivar = problem
+    theta, s2, _ = train_pixels(A, flux, ivar)
+    for p in range(0, flux.shape[1], 37):
+        t, s2_ref, _ = fit_pixel_fixed_scatter(np.where(ivar[:, p] > 0, flux[:, p], 0), ivar[:, p], [(theta[p], "batched")],
+                                               A, 0.0, None, s2=s2[p])
+        np.testing.assert_allclose(t, theta[p], rtol=1e-4, atol=1e-6)
+        assert s2_ref == pytest.approx(s2[p], rel=1e-3, abs=1e-9)
+
+
+def test_batched_l1_reaches_reference_objective(problem):
+    A, flux, ivar = problem
+    lam = 300.0
+    theta, s2, info = train_pixels(A, flux, ivar, regularization=lam, fixed_s2=np.zeros(flux.shape[1]))
+    assert info["admm_unconverged"] == 0
+    for p in range(0, flux.shape[1], 29):
+        f = np.where(ivar[:, p] > 0, flux[:, p], 0)
+        t, _, meta = fit_pixel_fixed_scatter(f, ivar[:, p], [(theta[p], "batched"), (np.eye(A.shape[1])[0], "guess")],
+                                             A, lam, None)
+        # the batched optimum is at least as good as L-BFGS-B's (to solver precision)
+        assert info["objective"][p] <= meta["fopt"] + 1e-6 * abs(meta["fopt"])
+    assert np.mean(theta[:, 1:] == 0) > 0.05  # L1 produces exact zeros
+
+
+def test_censored_terms_are_zero_and_others_match_reference(problem):
+    A, flux, ivar = problem
+    P, K = flux.shape[1], A.shape[1]
+    cens = np.zeros((P, K), dtype=bool)
+    cens[::3, [3, 6, 8, 9]] = True
+    theta, _, _ = train_pixels(A, flux, ivar, censored_terms=cens, fixed_s2=np.zeros(P))
+    assert np.all(theta[cens] == 0)
+    p = 3
+    t, _, _ = fit_pixel_fixed_scatter(np.where(ivar[:, p] > 0, flux[:, p], 0), ivar[:, p], [], A, 0.0, cens[p])
+    np.testing.assert_allclose(theta[p], t, rtol=1e-5, atol=1e-7)
+
+
+def test_dead_pixels_get_infinite_scatter(problem):
+    A, flux, ivar = problem
+    ivar = ivar.copy()
+    ivar[:, 4] = 0
+    ivar[5:, 9] = 0  # 5 stars < 10 terms
+    theta, s2, info = train_pixels(A, flux, ivar)
+    assert np.isinf(s2[[4, 9]]).all() and info["dead"][[4, 9]].all()
+    np.testing.assert_array_equal(theta[4], np.eye(A.shape[1])[0])
+
+
+def test_sufficient_statistics_reproduce_direct_chi2(truth):
+    _, flux, ivar = truth.sample(20)
+    stats = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
+    x = np.random.default_rng(1).normal(size=(20, 3)) * 0.3
+    V = truth.vectorizer.get_label_vector(x).T
+    model = V @ truth.theta.T
+    w = ivar / (1 + ivar * truth.s2)
+    w = np.where(np.isfinite(flux), w, 0)
+    direct = np.nansum(w * (model - np.nan_to_num(flux)) ** 2, axis=1)
+    np.testing.assert_allclose(stats.chi2(V, np.arange(20)), direct, rtol=1e-9)
+    grid = stats.chi2_grid(V[:4])
+    for c in range(4):
+        np.testing.assert_allclose(grid[:, c], np.nansum(w * (model[c] - np.nan_to_num(flux)) ** 2, axis=1), rtol=1e-9)
+
+
+def test_batched_test_step_equals_reference_fit_spectrum(truth):
+    labels, flux, ivar = truth.sample(12)
+    starts = truth.fiducials[None, :]
+    out = label_spectra(truth.theta, truth.s2, truth.vectorizer, truth.fiducials, truth.scales, flux, ivar, starts,
+                       optimise_all=True)
+    for i in range(12):
+        lab, cov, meta = fit_spectrum(flux[i], ivar[i], starts, truth.vectorizer, truth.theta, truth.s2,
+                                      truth.fiducials, truth.scales)
+        np.testing.assert_allclose((out["labels"][i] - lab) / truth.scales, 0, atol=1e-6)
+        np.testing.assert_allclose(out["cov"][i], cov, rtol=1e-5, atol=1e-12)
+        assert out["chi2"][i] == pytest.approx(meta["chi_sq"], rel=1e-8)
+        assert out["snr"][i] == pytest.approx(meta["snr"], rel=1e-12)
+        assert out["n_pixels"][i] == meta["n_pixels"]

@@ -1,0 +1,266 @@
+"""CannonModel: training recovers a known model, the test step is honest, files round-trip."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from astra_cannon import CannonModel, ModelFileError, PolynomialVectorizer
+from astra_cannon import flags as F
+
+
+def test_training_recovers_generating_theta_and_scatter(trained):
+    model, truth = trained
+    # theta: the model's prediction at fresh labels matches the truth's to well below the noise
+    labels = truth.labels(200)
+    assert np.sqrt(np.mean((model(labels) - truth.flux(labels)) ** 2)) < 2e-3
+    s = np.sqrt(model.s2)
+    scatter_pixels = truth.s > 0
+    # unbiased: the median recovered scatter in the s = 0.01 pixels is within 5% of it
+    assert np.median(s[scatter_pixels]) == pytest.approx(0.01, rel=0.05)
+    assert np.median(s[~scatter_pixels]) < 0.002
+
+
+@pytest.mark.slow
+def test_pulls_are_unit_normal_over_many_spectra(trained):
+    model, truth = trained
+    labels, flux, ivar = truth.sample(400)
+    got, cov, meta = model.test(flux, ivar)
+    sigma = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    pulls = (got - labels) / sigma
+    assert all(m["status"] == "ok" for m in meta)
+    std = pulls.std(axis=0)
+    assert np.all(np.abs(std - 1) < 0.1), std
+    assert np.all(np.abs(pulls.mean(axis=0)) < 0.2)
+
+
+def test_covariance_is_physical_symmetric_and_positive(trained):
+    model, truth = trained
+    labels, flux, ivar = truth.sample(30)
+    _, cov, _ = model.test(flux, ivar)
+    np.testing.assert_allclose(cov, np.transpose(cov, (0, 2, 1)), rtol=1e-12)
+    assert np.all(np.linalg.eigvalsh(cov) > 0)
+    # Teff uncertainty is in kelvin, not in scaled units (scale 800 K would give ~1e-3)
+    assert np.median(np.sqrt(cov[:, 0, 0])) > 1.0
+
+
+def test_multiple_starts_record_the_winner(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(5)
+    starts = np.array([truth.fiducials, truth.fiducials + truth.scales * 0.5, truth.fiducials - truth.scales])
+    labels, cov, meta = model.test(flux, ivar, initial_labels=starts)
+    for m in meta:
+        assert 0 <= m["best_result_index"] < 3
+        np.testing.assert_allclose(m["x0"], starts[m["best_result_index"]])
+
+
+def test_meta_is_json_safe_with_reference_keys(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(3)
+    ivar[1] = 0
+    _, _, meta = model.test(flux, ivar)
+    text = json.dumps(meta, allow_nan=False)
+    assert "NaN" not in text
+    for key in ("chi_sq", "r_chi_sq", "snr", "n_pixels", "ier", "nfev", "best_result_index", "x0", "flags",
+                "fail_message", "status", "label_names", "method", "t_elapsed"):
+        assert key in meta[0]
+
+
+def test_bad_pixels_at_test_time_are_masked_not_fatal(trained, recwarn):
+    model, truth = trained
+    labels, flux, ivar = truth.sample(4, nan_bad=False)
+    dirty_flux, dirty_ivar = flux.copy(), ivar.copy()
+    dirty_flux[0, :10] = np.nan
+    dirty_flux[1, 10:20] = np.inf
+    dirty_ivar[2, 20:30] = -1
+    dirty_ivar[3, 30:40] = np.nan
+    masked = ivar.copy()
+    for i, sl in enumerate([slice(0, 10), slice(10, 20), slice(20, 30), slice(30, 40)]):
+        masked[i, sl] = 0
+    got, cov, meta = model.test(dirty_flux, dirty_ivar)
+    expected, _, _ = model.test(flux, masked)
+    assert np.all(np.isfinite(got)) and all(m["flags"] == 0 for m in meta)
+    # bad values behave exactly like ivar = 0 at those pixels
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_no_information_and_few_pixels_give_nan_and_flags(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(3)
+    ivar[0] = 0
+    ivar[1, 3:] = 0
+    got, cov, meta = model.test(flux, ivar)
+    assert np.all(np.isnan(got[:2])) and np.all(np.isnan(cov[:2]))
+    assert meta[0]["flags"] & F.NO_INFORMATION and meta[0]["status"] == "failed"
+    assert meta[0]["fail_message"] == "Pixels contained no information"
+    assert meta[1]["flags"] & F.FEW_PIXELS and "Too few usable pixels" in meta[1]["fail_message"]
+    assert meta[2]["status"] == "ok"
+
+
+def test_wrong_pixel_count_raises_naming_shapes(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(2)
+    with pytest.raises(ValueError, match=r"\(S, 300\)"):
+        model.test(flux[:, :-1], ivar[:, :-1])
+
+
+def test_big_endian_and_float32_inputs_give_the_same_answer(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(3, nan_bad=False)
+    a, _, _ = model.test(flux, ivar)
+    b, _, _ = model.test(flux.astype(">f8"), ivar.astype(">f8"))
+    c, _, _ = model.test(flux.astype(np.float32), ivar.astype(np.float32))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose((c - a) / model.scales, 0, atol=1e-4)
+
+
+def test_results_are_deterministic_and_batch_size_independent(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(20)
+    a, ca, _ = model.test(flux, ivar, batch_size=7)
+    b, cb, _ = model.test(flux, ivar, batch_size=256)
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+    c, _, _ = model.test(flux, ivar, batch_size=7)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_outside_training_range_is_flagged(trained):
+    model, truth = trained
+    far = truth.fiducials + truth.scales * np.array([3.0, 0, 0])
+    flux = truth.flux(far[None])
+    ivar = np.full_like(flux, 1e4)
+    got, _, meta = model.test(flux, ivar, initial_labels=far)
+    assert meta[0]["flags"] & F.OUTSIDE_TRAINING_HULL
+
+
+def test_training_rejects_bad_input_clearly(truth):
+    labels, flux, ivar = truth.sample(50, nan_bad=False)
+    vec = truth.vectorizer
+    bad = labels.copy()
+    bad[[3, 7], 1] = np.nan
+    with pytest.raises(ValueError, match=r"rows \[3, 7\]"):
+        CannonModel(bad, flux, ivar, vec)
+    neg = ivar.copy()
+    neg[0, 0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        CannonModel(labels, flux, neg, vec)
+    nanflux = flux.copy()
+    nanflux[2, 5] = np.nan
+    with pytest.raises(ValueError, match="ivar > 0"):
+        CannonModel(labels, nanflux, ivar, vec)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        CannonModel(labels, flux[:-1], ivar[:-1], vec)
+    with pytest.raises(ValueError, match="3 columns"):
+        CannonModel(labels, flux, ivar, PolynomialVectorizer(["A", "B"], 2))
+    nanflux_masked = nanflux.copy()
+    ivar2 = ivar.copy()
+    ivar2[2, 5] = 0
+    CannonModel(labels, nanflux_masked, ivar2, vec)  # NaN flux where ivar == 0 is a masked pixel
+
+
+def test_correlated_labels_are_reported(truth):
+    labels, flux, ivar = truth.sample(60)
+    labels[:, 1] = 2.5 + (labels[:, 0] - 4800) / 800 * 2 + 0.01 * np.random.default_rng(0).normal(size=60)
+    model = CannonModel(labels, flux, ivar, truth.vectorizer)
+    assert any("TEFF and LOGG" in w for w in model.metadata["warnings"])
+
+
+def test_training_set_hash_ignores_star_and_label_order(truth):
+    labels, flux, ivar = truth.sample(40)
+    a = CannonModel(labels, flux, ivar, truth.vectorizer).training_set_hash
+    perm = np.random.default_rng(0).permutation(40)
+    b = CannonModel(labels[perm], flux[perm], ivar[perm], truth.vectorizer).training_set_hash
+    vec2 = PolynomialVectorizer(["FE_H", "TEFF", "LOGG"], 2)
+    c = CannonModel(labels[:, [2, 0, 1]], flux, ivar, vec2).training_set_hash
+    d = CannonModel(labels + 1e-9, flux, ivar, truth.vectorizer).training_set_hash
+    assert a == b == c != d
+
+
+def test_regularised_training_with_censoring_by_wavelength(truth):
+    labels, flux, ivar = truth.sample(150)
+    wl = np.linspace(15100, 17000, flux.shape[1])
+    model = CannonModel(labels, flux, ivar, truth.vectorizer, dispersion=wl, regularization=10.0,
+                        censors={"FE_H": [[None, 15500.0], [16800.0, None]]})
+    theta, s2, meta = model.train()
+    cens = (wl <= 15500) | (wl >= 16800)
+    fe_terms = [k for k, t in enumerate(truth.vectorizer.terms) if any(i == 2 for i, _ in t)]
+    assert np.all(theta[np.ix_(cens, fe_terms)] == 0)
+    assert np.any(theta[np.ix_(~cens, fe_terms)] != 0)
+
+
+def test_write_read_round_trip(trained, tmp_path):
+    model, truth = trained
+    path = model.write(tmp_path / "m.npz")
+    again = CannonModel.read(path)
+    for attr in ("theta", "s2", "fiducials", "scales", "training_set_labels", "censor_mask"):
+        np.testing.assert_array_equal(getattr(again, attr), getattr(model, attr))
+    assert again.vectorizer == model.vectorizer
+    assert again.training_set_hash == model.training_set_hash
+    assert again.regularization == model.regularization
+    _, flux, ivar = truth.sample(4)
+    np.testing.assert_array_equal(again.test(flux, ivar)[0], model.test(flux, ivar)[0])
+    full = CannonModel.read(model.write(tmp_path / "full.npz", include_training_set=True))
+    np.testing.assert_array_equal(full.training_set_flux, model.training_set_flux)
+
+
+def test_damaged_or_mismatched_model_files_raise_model_file_error(trained, tmp_path):
+    model, _ = trained
+    good = model.write(tmp_path / "good.npz")
+    raw = open(good, "rb").read()
+    cases = {
+        "truncated.npz": raw[: len(raw) // 2],
+        "empty.npz": b"",
+        "random.npz": np.random.default_rng(0).bytes(5000),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ModelFileError):
+            CannonModel.read(tmp_path / name)
+    with pytest.raises(ModelFileError, match="not found"):
+        CannonModel.read(tmp_path / "missing.npz")
+    with pytest.raises(ModelFileError, match="expected labels"):
+        CannonModel.read(good, label_names=["TEFF", "LOGG"])
+    with pytest.raises(ModelFileError, match="expected 8575 pixels, found 300"):
+        CannonModel.read(good, n_pixels=8575)
+
+    def rewrite(name, edit):
+        with np.load(good, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+        edit(arrays)
+        path = tmp_path / name
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        return path
+
+    def set_header(arrays, **changes):
+        header = json.loads(arrays["header"].tobytes())
+        header.update(changes)
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+
+    with pytest.raises(ModelFileError, match="schema version"):
+        CannonModel.read(rewrite("schema.npz", lambda a: set_header(a, schema_version=99)))
+
+    def nan_theta(a):
+        a["theta"] = a["theta"].copy()
+        a["theta"][0, 0] = np.nan
+        header = json.loads(a["header"].tobytes())
+        header["checksums"].pop("theta")
+        a["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+
+    with pytest.raises(ModelFileError, match="non-finite"):
+        CannonModel.read(rewrite("nan.npz", nan_theta))
+
+    def tamper(a):
+        a["s2"] = a["s2"] * 2
+
+    with pytest.raises(ModelFileError, match="checksum"):
+        CannonModel.read(rewrite("tampered.npz", tamper))
+
+    def objects(a):
+        a["theta"] = np.array([{"x": 1}], dtype=object)
+
+    with pytest.raises(ModelFileError):
+        CannonModel.read(rewrite("pickle.npz", objects))
+    assert zipfile.is_zipfile(good)
