@@ -24,12 +24,14 @@ import time
 import numpy as np
 
 from . import flags as F
-from .fitting import adjusted_ivar, estimate_s2
+from .fitting import estimate_s2
 
 __all__ = ["khatri_rao_upper", "unpack_symmetric", "train_pixels", "SpectrumStatistics", "label_spectra"]
 
 # Memory budget for one block of the Khatri-Rao product (bytes).
-_BLOCK_BYTES = 256 * 2**20
+_BLOCK_BYTES = 24 * 2**20
+_ELEMENTWISE_BYTES = 4 * 2**20
+_PAIRS_CACHE_BYTES = 256 * 2**20
 
 
 def _upper_indices(K):
@@ -72,15 +74,6 @@ def _solve_spd(M, b):
             except np.linalg.LinAlgError:
                 out[chunk] = (np.linalg.pinv(M[chunk], hermitian=True) @ b[chunk, :, None])[..., 0]
         return out
-
-
-def _normal_equations(A, Z, flux, w, pixels):
-    """``A^T W A`` (P_b, K, K) and ``A^T W f`` (P_b, K) for the given pixels."""
-    K = A.shape[1]
-    Wb = w[:, pixels]
-    M = unpack_symmetric(Wb.T @ Z, K)
-    b = (Wb * flux[:, pixels]).T @ A
-    return M, b
 
 
 def _apply_censoring(M, b, censored):
@@ -137,7 +130,7 @@ def pixel_objective(M, b, c, theta, lam):
 
 
 def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=None, max_iterations=8,
-                 s2_rtol=1e-4, fixed_s2=None, progress=None):
+                 s2_rtol=1e-3, fixed_s2=None, progress=None):
     """Fit theta and s2 for every pixel.
 
     Parameters
@@ -174,56 +167,78 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     N, K = A.shape
     P = flux.shape[1]
     lam = np.broadcast_to(np.asarray(regularization if regularization is not None else 0.0, dtype=float), (P,))
-    good = ivar > 0
-    f = np.where(good, flux, 0.0)
-    iv = np.where(good, ivar, 0.0)
     n_free = K - (censored_terms.sum(axis=1) if censored_terms is not None else 0)
     n_free = np.broadcast_to(n_free, (P,))
-    dead = good.sum(axis=0) <= n_free
-
     Z = khatri_rao_upper(A)
-    block = max(1, int(_BLOCK_BYTES // (8 * max(Z.shape[1], K * K))))
+    # Pixel blocks keep every temporary small (N * block and block * K^2 floats): large arrays
+    # are mmapped and page-faulted afresh on each allocation, which costs more than the maths.
+    block = int(max(1, min(_ELEMENTWISE_BYTES // (8 * N), _BLOCK_BYTES // (8 * K * K))))
+
     theta = np.zeros((P, K))
     theta[:, 0] = 1.0
-    s2 = np.zeros(P) if fixed_s2 is None else np.asarray(fixed_s2, dtype=float).copy()
-    s2[dead] = np.inf
+    s2 = np.zeros(P) if fixed_s2 is None else np.array(fixed_s2, dtype=float)
+    dead = np.zeros(P, dtype=bool)
     objective = np.full(P, np.nan)
     admm_iter = np.zeros(P, dtype=int)
     admm_unconverged = 0
-    todo = np.flatnonzero(~dead)
-    n_alt = 0
-    for n_alt in range(1, max_iterations + 1):
-        w = adjusted_ivar(iv, s2[None, :])
-        for start in range(0, todo.size, block):
-            pix = todo[start : start + block]
-            M, b = _normal_equations(A, Z, f, w, pix)
-            cens = censored_terms[pix] if censored_terms is not None else None
-            _apply_censoring(M, b, cens)
-            sol = _solve_spd(M, b)
-            reg = lam[pix] > 0
+    n_alt_max = 0
+    for b0 in range(0, P, block):
+        sl = slice(b0, min(P, b0 + block))
+        # ivar is finite and >= 0 (CannonModel checks); flux may be NaN only where ivar == 0.
+        iv = np.array(ivar[:, sl], dtype=float)
+        good = iv > 0
+        f = np.array(flux[:, sl], dtype=float)
+        np.copyto(f, 0.0, where=~good)
+        nf = n_free[sl]
+        dead_b = good.sum(axis=0) <= nf
+        dead[sl] = dead_b
+        s2_b = s2[sl]
+        s2_b[dead_b] = np.inf
+        cens_b = censored_terms[sl] if censored_terms is not None else None
+        todo = np.flatnonzero(~dead_b)
+        for n_alt in range(1, max_iterations + 1):
+            if todo.size == 0:
+                break
+            n_alt_max = max(n_alt_max, n_alt)
+            everything = todo.size == iv.shape[1]
+            iv_t, f_t = (iv, f) if everything else (iv[:, todo], f[:, todo])
+            w = iv_t / (1.0 + iv_t * s2_b[todo])
+            M = unpack_symmetric(w.T @ Z, K)
+            rhs = (w * f_t).T @ A
+            _apply_censoring(M, rhs, cens_b[todo] if cens_b is not None else None)
+            sol = _solve_spd(M, rhs)
+            lam_t = lam[sl][todo]
+            reg = lam_t > 0
             if reg.any():
                 r = np.flatnonzero(reg)
-                sol[r], it, left = _admm_l1(M[r], b[r], lam[pix][r], sol[r])
-                admm_iter[pix[r]] = it
+                sol[r], it, left = _admm_l1(M[r], rhs[r], lam_t[r], sol[r])
+                admm_iter[b0 + todo[r]] = it
                 admm_unconverged += left.size
-            theta[pix] = sol
-            c = np.einsum("np,np->p", w[:, pix], f[:, pix] ** 2)
-            objective[pix] = pixel_objective(M, b, c, sol, lam[pix])
-            if progress is not None:
-                progress(pix.size)
-        if fixed_s2 is not None:
-            break
-        residuals = f[:, todo] - A @ theta[todo].T
-        new = estimate_s2(residuals**2, iv[:, todo], n_free[todo])
-        change = np.abs(new - s2[todo]) > s2_rtol * np.maximum(new, 1e-12 / s2_rtol)
-        s2[todo] = new
-        todo = todo[change]
-        if todo.size == 0:
-            break
+            theta[b0 + todo] = sol
+            c = np.einsum("np,np->p", w, f_t * f_t)
+            objective[b0 + todo] = pixel_objective(M, rhs, c, sol, lam_t)
+            if fixed_s2 is not None:
+                break
+            # A pixel whose chi2 at s2 = 0 is already below n - dof keeps s2 = 0: no residuals needed.
+            new = np.zeros(todo.size)
+            n_use = good[:, todo].sum(axis=0) if not everything else good.sum(axis=0)
+            need = ~((s2_b[todo] == 0) & (objective[b0 + todo] - lam_t * np.abs(sol[:, 1:]).sum(axis=1)
+                                          <= n_use - nf[todo]))
+            if need.any():
+                k = np.flatnonzero(need)
+                resid = (f_t[:, k] if k.size < todo.size else f_t) - A @ sol[k].T
+                resid *= resid
+                new[k] = estimate_s2(resid, iv_t[:, k] if k.size < todo.size else iv_t, nf[todo][k], clean=True)
+            change = np.abs(new - s2_b[todo]) > s2_rtol * np.maximum(new, 1e-12 / s2_rtol)
+            s2_b[todo] = new
+            todo = todo[change]
+        s2[sl] = s2_b
+        if progress is not None:
+            progress(sl.stop - sl.start)
     theta[dead] = 0.0
     theta[dead, 0] = 1.0
     return theta, s2, {
-        "n_iterations": n_alt,
+        "n_iterations": n_alt_max,
         "dead": dead,
         "objective": objective,
         "admm_iterations": admm_iter,
@@ -232,17 +247,33 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     }
 
 
-def _row_median(values, counts):
-    """Median of the first ``counts[i]`` sorted values of each row (unused entries are +inf).
+def _median_of_good(values, bad):
+    """Row medians of ``values`` over the entries where ``bad`` is False.
 
-    One vectorised sort instead of ``nanmedian``, which loops over rows in Python.
+    Bad entries are replaced by -inf and +inf in turn (the first, third, ... bad entry of a
+    row by -inf), so the median of the good values sits at one of three fixed positions of
+    the whole row; one vectorised ``partition`` then serves every row (``nanmedian`` loops
+    over rows in Python).
     """
-    srt = np.sort(values, axis=1)
-    rows = np.arange(values.shape[0])
-    lo = np.clip((counts - 1) // 2, 0, None)
-    hi = np.clip(counts // 2, 0, None)
-    med = 0.5 * (srt[rows, lo] + srt[rows, hi])
-    return np.where(counts > 0, med, np.nan)
+    S, P = values.shape
+    m = bad.sum(axis=1)
+    if P == 1:
+        return np.where(m == 0, values[:, 0], np.nan)
+    # float32 halves the partition's memory traffic; S/N needs no more than 7 digits.
+    vals = values.astype(np.float32)
+    # uint8 running counts wrap at 256, which keeps their parity.
+    odd = (np.cumsum(bad, axis=1, dtype=np.uint8) & 1).view(bool)
+    vals[bad & odd] = -np.inf
+    vals[bad & ~odd] = np.inf
+    kth = sorted({(P - 1) // 2, P // 2, min(P - 1, (P + 1) // 2)})
+    part = np.partition(vals, kth, axis=1)
+    rows = np.arange(S)
+    even = (m % 2) == 0
+    lo = np.where(even, (P - 1) // 2, P // 2)
+    hi = np.where(even, P // 2, np.minimum(P - 1, (P + 1) // 2))
+    with np.errstate(invalid="ignore"):
+        med = 0.5 * (part[rows, lo].astype(np.float64) + part[rows, hi])
+    return np.where(m < P, med, np.nan)
 
 
 class SpectrumStatistics:
@@ -250,30 +281,51 @@ class SpectrumStatistics:
 
     ``Q[s] = Theta^T W_s Theta`` (packed), ``c[s] = Theta^T W_s f_s`` and
     ``e[s] = f_s^T W_s f_s``, with ``W_s`` the scatter-adjusted inverse variance.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (P, K)
+    flux, ivar : array_like, shape (S, P)
+        Any float dtype or byte order; non-finite flux, ivar <= 0 or non-finite mark bad pixels.
+    s2 : ndarray, shape (P,)
+        ``inf`` marks a dead pixel.
+    theta_pairs : ndarray, shape (P, K (K + 1) / 2), optional
+        ``khatri_rao_upper(theta)``, cached by the caller across batches when it fits in memory.
     """
 
-
-    def __init__(self, theta, flux, ivar, s2):
-        theta = np.asarray(theta, dtype=float)
+    def __init__(self, theta, flux, ivar, s2, theta_pairs=None):
         P, K = theta.shape
-        w = adjusted_ivar(ivar, s2[None, :])
-        use = (w > 0) & np.isfinite(flux)
-        w = np.where(use, w, 0.0)
-        f = np.where(use, flux, 0.0)
+        f = np.array(flux, dtype=np.float64)
+        iv = np.array(ivar, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(f)
+            bad |= ~(iv > 0)
+            bad |= ~np.isfinite(iv)
+        dead = ~np.isfinite(s2)
+        if dead.any():
+            bad |= dead[None, :]
+        np.copyto(f, 0.0, where=bad)
+        np.copyto(iv, 0.0, where=bad)
+        w = iv / (1.0 + iv * np.where(dead, 0.0, s2))
         self.K = K
-        self.n_pixels = use.sum(axis=1)
+        self.n_pixels = P - bad.sum(axis=1)
         wf = w * f
         self.c = wf @ theta
         self.e = np.einsum("sp,sp->s", wf, f)
         Kt = K * (K + 1) // 2
-        # Pixel blocks keep the Khatri-Rao table of theta within the memory budget.
-        block = max(1, int(_BLOCK_BYTES // (8 * Kt)))
-        Qf = np.zeros((flux.shape[0], Kt))
-        for start in range(0, P, block):
-            sl = slice(start, start + block)
-            Qf += w[:, sl] @ khatri_rao_upper(theta[sl])
+        if theta_pairs is not None:
+            Qf = w @ theta_pairs
+        else:
+            # Pixel blocks keep the Khatri-Rao table of theta within the memory budget.
+            block = max(1, int(_BLOCK_BYTES // (8 * Kt)))
+            Qf = np.zeros((f.shape[0], Kt))
+            for start in range(0, P, block):
+                sl = slice(start, start + block)
+                Qf += w[:, sl] @ khatri_rao_upper(theta[sl])
         self.Q = unpack_symmetric(Qf, K)
-        self.snr = _row_median(np.where(use, f * np.sqrt(w), np.inf), self.n_pixels)
+        np.sqrt(w, out=w)
+        w *= f
+        self.snr = _median_of_good(w, bad)
 
     def chi2(self, v, rows):
         """chi2 of label vectors ``v`` (R, K) against spectra ``rows`` (R,)."""
@@ -379,11 +431,9 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     info : dict of arrays, shape (S,)
         ``chi2, rchi2, snr, n_pixels, ier, nfev, start_index, x0 (S, L), flags``.
     """
-    theta = np.asarray(theta, dtype=float)
+    theta = np.ascontiguousarray(theta, dtype=float)
     s2 = np.asarray(s2, dtype=float)
-    flux = np.asarray(flux, dtype=float)
-    ivar = np.asarray(ivar, dtype=float)
-    S, P = flux.shape
+    S, P = np.shape(flux)
     L = len(fiducials)
     starts = np.asarray(starts, dtype=float)
     per_spectrum = starts.ndim == 3
@@ -400,9 +450,11 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         x0=np.full((S, L), np.nan),
         flags=np.zeros(S, dtype=np.int64),
     )
+    K = theta.shape[1]
+    pairs = khatri_rao_upper(theta) if P * K * (K + 1) * 4 <= _PAIRS_CACHE_BYTES else None
     for b0 in range(0, S, batch_size):
         sl = slice(b0, min(S, b0 + batch_size))
-        stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2)
+        stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, theta_pairs=pairs)
         nb = sl.stop - sl.start
         n_pix = stats.n_pixels
         out["n_pixels"][sl] = n_pix

@@ -86,7 +86,7 @@ def adjusted_ivar(ivar, s2):
     return out
 
 
-def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-10):
+def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-10, clean=False):
     """Intrinsic scatter per pixel from residuals, vectorised over pixels.
 
     Solves, for each pixel (column), ``sum_n r_n^2 ivar_n / (1 + ivar_n s2) = n_used - dof``
@@ -103,6 +103,9 @@ def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-10):
         Inverse variance of the flux (without any scatter term).
     dof : int or ndarray of shape (P,)
         Number of fitted coefficients per pixel.
+    clean : bool, optional
+        Skip input sanitising: ``ivar`` is finite, >= 0, and ``residuals_squared`` is finite
+        where ``ivar > 0`` and 0 elsewhere (the batched training guarantees this).
 
     Returns
     -------
@@ -115,19 +118,18 @@ def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-10):
     one_d = r2.ndim == 1
     if one_d:
         r2, iv = r2[:, None], iv[:, None]
-    use = (iv > 0) & np.isfinite(iv) & np.isfinite(r2)
-    iv = np.where(use, iv, 0.0)
-    r2 = np.where(use, r2, 0.0)
+    if clean:
+        use = iv > 0
+    else:
+        use = (iv > 0) & np.isfinite(iv) & np.isfinite(r2)
+        iv = np.where(use, iv, 0.0)
+        r2 = np.where(use, r2, 0.0)
     target = use.sum(axis=0) - np.broadcast_to(np.asarray(dof, dtype=float), (r2.shape[1],))
     s2 = np.zeros(r2.shape[1])
     dead = target <= 0
     s2[dead] = np.inf
 
-    def g_and_dg(s):
-        w = iv / (1.0 + iv * s)
-        return (r2 * w).sum(axis=0), -(r2 * w * w).sum(axis=0)
-
-    g0, _ = g_and_dg(s2[None, :] * 0.0)
+    g0 = np.einsum("np,np->p", r2, iv)
     active = np.flatnonzero(~dead & (g0 > target))
     # g is convex and decreasing in s2, so Newton's method started left of the root (s2 = 0)
     # approaches it monotonically from the left and never overshoots.
@@ -137,8 +139,10 @@ def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-10):
         if active.size == 0:
             break
         w = iva / (1.0 + iva * s)
-        g = (r2a * w).sum(axis=0) - ta
-        dg = -(r2a * w * w).sum(axis=0)
+        rw = r2a * w
+        g = rw.sum(axis=0) - ta
+        rw *= w
+        dg = -rw.sum(axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             step = np.where(dg < 0, -g / dg, 0.0)
         s_new = s + np.maximum(step, 0.0)

@@ -349,14 +349,12 @@ class CannonModel:
         """
         self._require_trained()
         t0 = time.perf_counter()
+        # Bad values (NaN/inf flux, ivar <= 0 or NaN) are masked batch by batch in the engine.
         flux = np.atleast_2d(np.asarray(flux))
         ivar = np.atleast_2d(np.asarray(ivar))
         P = self.theta.shape[0]
         if flux.shape != ivar.shape or flux.ndim != 2 or flux.shape[1] != P:
             raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must both have shape (S, {P})")
-        flux = np.asarray(flux, dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            ivar = np.where(np.isfinite(ivar) & (np.asarray(ivar, dtype=np.float64) > 0), ivar, 0.0).astype(np.float64)
         L = len(self.label_names)
         optimise_all = initial_labels is not None
         if initial_labels is None:
