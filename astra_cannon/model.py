@@ -222,7 +222,7 @@ class CannonModel:
 
         All pixels are solved together (normal equations built with one matrix product per
         block, batched solves); ``s2`` is re-estimated without bias and the weights refreshed
-        until it settles. L1 regularisation uses batched ADMM.
+        until it settles. L1 regularisation uses coordinate descent, vectorised across pixels.
 
         Parameters
         ----------
@@ -251,7 +251,7 @@ class CannonModel:
             "t_train": info["t_train"],
             "n_iterations": info["n_iterations"],
             "n_dead_pixels": int(info["dead"].sum()),
-            "admm_unconverged": info["admm_unconverged"],
+            "lasso_unconverged": info["lasso_unconverged"],
             "n_stars": int(self.training_set_flux.shape[0]),
             "n_pixels": int(self.training_set_flux.shape[1]),
             "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(),

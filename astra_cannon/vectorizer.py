@@ -113,6 +113,28 @@ class PolynomialVectorizer:
         for t in self.terms:
             for i, p in t:
                 self._max_power[i] = max(self._max_power[i], p)
+        # Each term as `order` slots indexing [1, x_0, ..., x_{L-1}]: x_i^2 * x_j -> (i+1, i+1, j+1),
+        # so the label vector is a product of `order` gathers (no loop over terms).
+        slots = np.zeros((len(self.terms), self.order), dtype=np.intp)
+        for k, t in enumerate(self.terms):
+            flat = [i + 1 for i, p in t for _ in range(p)]
+            slots[k, : len(flat)] = flat
+        self._slots = slots
+        # The derivative of a term is a constant times another monomial; when that monomial is
+        # itself a term (always, for full polynomials) the Jacobian is one gather of the vector.
+        index = {t: k for k, t in enumerate(self.terms)}
+        deriv_index = np.zeros((len(self.terms), len(self.label_names)), dtype=np.intp)
+        deriv_coef = np.zeros((len(self.terms), len(self.label_names)))
+        closed = True
+        for k, t in enumerate(self.terms):
+            for i, p in t:
+                lower = tuple((j, q - 1 if j == i else q) for j, q in t if not (j == i and q == 1))
+                if lower not in index:
+                    closed = False
+                    continue
+                deriv_index[k, i] = index[lower]
+                deriv_coef[k, i] = p
+        self._deriv = (deriv_index, deriv_coef) if closed else None
 
     @property
     def n_labels(self):
@@ -175,14 +197,16 @@ class PolynomialVectorizer:
         ndarray, shape (K, N)
             The label vector of each star (first row is 1).
         """
-        x = self._as_2d(scaled_labels)
-        pw = self._powers(x)
-        out = np.empty((self.n_terms, x.shape[0]))
-        for k, t in enumerate(self.terms):
-            v = pw[t[0][0]][t[0][1]].copy() if t else np.ones(x.shape[0])
-            for i, p in t[1:]:
-                v *= pw[i][p]
-            out[k] = v
+        return self._vector_rows(self._as_2d(scaled_labels)).T
+
+    def _vector_rows(self, x):
+        """Label vectors as rows, shape (N, K)."""
+        ext = np.empty((x.shape[0], x.shape[1] + 1))
+        ext[:, 0] = 1.0
+        ext[:, 1:] = x
+        out = ext[:, self._slots[:, 0]]
+        for j in range(1, self._slots.shape[1]):
+            out *= ext[:, self._slots[:, j]]
         return out
 
     def get_label_vector_derivative(self, scaled_labels):
@@ -198,6 +222,10 @@ class PolynomialVectorizer:
         """
         single = np.ndim(scaled_labels) == 1
         x = self._as_2d(scaled_labels)
+        if self._deriv is not None:
+            idx, coef = self._deriv
+            out = self._vector_rows(x)[:, idx] * coef
+            return out[0] if single else out
         pw = self._powers(x)
         n = x.shape[0]
         out = np.zeros((n, self.n_terms, self.n_labels))
