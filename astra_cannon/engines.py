@@ -373,6 +373,8 @@ class SpectrumStatistics:
         w = iv / (1.0 + iv * np.where(dead, 0.0, s2))
         self.K = K
         self.n_pixels = P - bad.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.mean_flux = f.sum(axis=1) / self.n_pixels
         wf = w * f
         self.c = wf @ theta
         self.e = np.einsum("sp,sp->s", wf, f)
@@ -481,7 +483,8 @@ def _covariance(stats, vectorizer, x, rows):
 
 
 def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, n_optimise=3,
-                 optimise_all=False, max_iterations=100, batch_size=256, progress=None):
+                 optimise_all=False, max_iterations=100, batch_size=256, normalised_range=(0.5, 1.5),
+                 progress=None):
     """Fit labels for many spectra at once.
 
     Parameters
@@ -500,6 +503,9 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         Levenberg-Marquardt iterations per start.
     batch_size : int
         Spectra processed together (bounds memory).
+    normalised_range : (float, float)
+        A spectrum whose mean usable flux lies outside this range is flagged
+        ``UNNORMALISED_FLUX`` and not fitted.
     progress : callable, optional
         Called as ``progress(n_spectra_done)`` after each batch.
 
@@ -541,6 +547,10 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         out["n_pixels"][sl] = n_pix
         out["snr"][sl] = stats.snr
         fl = np.where(n_pix == 0, F.NO_INFORMATION, np.where(n_pix < L + 1, F.FEW_PIXELS, 0)).astype(np.int64)
+        # A continuum-normalised spectrum has a mean near 1; raw fluxes (e.g. 1e-17 erg/s/cm2/A
+        # units, or counts) would otherwise be "fitted" to nonsense.
+        lo, hi = normalised_range
+        fl[(fl == 0) & ~((stats.mean_flux > lo) & (stats.mean_flux < hi))] |= F.UNNORMALISED_FLUX
         ok = np.flatnonzero(fl == 0)
         if ok.size:
             cand = starts[sl][ok] if per_spectrum else np.broadcast_to(starts, (ok.size,) + starts.shape)

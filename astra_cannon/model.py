@@ -403,6 +403,8 @@ class CannonModel:
                 reason = "Pixels contained no information"
             elif fl & F.FEW_PIXELS:
                 reason = f"Too few usable pixels ({n_pix[i]} < {n_labels + 1})"
+            elif fl & F.UNNORMALISED_FLUX:
+                reason = "mean flux far from 1: the spectrum does not look continuum-normalised"
             elif fl & F.AT_INITIAL_GUESS:
                 reason = "Optimized result same as initial value."
             elif fl & F.OPTIMIZER_FAILED:

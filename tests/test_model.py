@@ -264,3 +264,13 @@ def test_damaged_or_mismatched_model_files_raise_model_file_error(trained, tmp_p
     with pytest.raises(ModelFileError):
         CannonModel.read(rewrite("pickle.npz", objects))
     assert zipfile.is_zipfile(good)
+
+
+def test_unnormalised_flux_is_flagged_not_fitted(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(3)
+    flux[1] *= 1e6
+    ivar[1] /= 1e12
+    got, cov, meta = model.test(flux, ivar)
+    assert meta[1]["flags"] & F.UNNORMALISED_FLUX and meta[1]["status"] == "failed"
+    assert np.all(np.isnan(got[1])) and np.all(np.isfinite(got[[0, 2]]))
