@@ -1,0 +1,322 @@
+"""The ``astra-cannon`` command: train, label, inspect and export.
+
+Run ``astra-cannon run`` with no arguments to generate the bundled example into the work
+directory (if absent), train on it and label every example spectrum through Luigi on SQLite
+(or ``ASTRA_CANNON_DATABASE_URL``). ``astra-cannon --help`` and ``astra-cannon COMMAND --help``
+describe every option.
+
+Exit codes: 0 success; 2 usage or configuration error; 1 other errors; for Luigi runs the
+``[retcode]`` values of the shipped ``luigi.cfg`` (30 a task failed, 35 scheduling failed,
+e.g. the database was unreachable, 20 missing input, 25 not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.parse
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = """\
+examples:
+  astra-cannon run                              # the bundled example job, end to end
+  astra-cannon run --workers 2                  # two worker processes
+  astra-cannon run --scheduler-url http://127.0.0.1:8082   # use a running luigid
+  astra-cannon infer --training-set train.fits --spectra spectra/*.fits --labels TEFF,LOGG,FE_H
+  astra-cannon status                           # task runs, failures and their reasons
+  astra-cannon rerun-failed                     # re-fit failed spectra and failed chunks
+  astra-cannon export -o results.fits           # results as a FITS table
+  astra-cannon db migrate                       # create or upgrade the schema
+
+configuration: ASTRA_CANNON_DATABASE_URL (default sqlite:///<work dir>/astra_cannon.sqlite),
+ASTRA_CANNON_WORK_DIR (default ./astra_cannon_work), or the [astra_cannon] section of luigi.cfg.
+"""
+
+
+def _say(text, quiet=False):
+    if not quiet:
+        print(text, flush=True)
+
+
+def _tasks_module():
+    # Installed: astra_cannon.tasks. In a source checkout the same package is the top-level
+    # folder tasks/ (setup.cfg maps it), so fall back to that.
+    try:
+        from astra_cannon import tasks
+    except ImportError:
+        import importlib
+        import pathlib
+
+        root = str(pathlib.Path(__file__).resolve().parent.parent)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        tasks = importlib.import_module("tasks")
+    return tasks
+
+
+def _public_url(url) -> str:
+    """The database URL without its password (for printing)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+
+
+def _job_options(parser):
+    g = parser.add_argument_group("job (default: the bundled example in <work dir>/example)")
+    g.add_argument("--training-set", metavar="PATH", help="training-set FITS file (example layout)")
+    g.add_argument("--spectra", metavar="PATH", nargs="+", help="spectra files to label")
+    g.add_argument("--format", default="example", choices=("example", "auto", "apstar", "aspcapstar"),
+                   help="spectra file format (default: %(default)s)")
+    g.add_argument("--labels", metavar="NAMES", help="comma-separated labels (default: all in the training set)")
+    g.add_argument("--order", type=int, default=2, help="polynomial order (default: %(default)s)")
+    g.add_argument("--regularization", type=float, default=0.0, help="L1 strength (default: %(default)s)")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="spectra per task (default: [astra_cannon] chunk_size or 500)")
+    g.add_argument("--code-version", default=None, help="code version (default: the package version)")
+    g.add_argument("--model-dir", default=None, help="model files directory (default: <work dir>/models)")
+    g.add_argument("--example-dir", default=None, help="example directory (default: <work dir>/example)")
+    g.add_argument("--n-train", type=int, default=300, help="example training stars (default: %(default)s)")
+    g.add_argument("--n-test", type=int, default=3000, help="example spectra (default: %(default)s)")
+    g.add_argument("--n-files", type=int, default=6, help="example spectra files (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=2026, help="example random seed (default: %(default)s)")
+
+
+def _run_options(parser):
+    g = parser.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=1, help="worker processes (default: %(default)s)")
+    g.add_argument("--scheduler-url", default=None,
+                   help="URL of a running luigid, e.g. http://127.0.0.1:8082 (default: local scheduler)")
+    g.add_argument("--tag", default="", help="free text stored with every task run")
+    g.add_argument("--log-level", default="WARNING", help="Luigi log level (default: %(default)s)")
+    g.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``astra-cannon``."""
+    parser = argparse.ArgumentParser(
+        prog="astra-cannon", description="The Cannon as an Astra-style Luigi/peewee pipeline.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database-url", default=None,
+                        help="peewee database URL (overrides ASTRA_CANNON_DATABASE_URL)")
+    parser.add_argument("--work-dir", default=None, help="work directory (overrides ASTRA_CANNON_WORK_DIR)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="train and label (the bundled example with no arguments)",
+                       description="Train a model and label all spectra through Luigi. With no job "
+                                   "options, generate the bundled example (if absent) and label it.")
+    _job_options(p)
+    _run_options(p)
+    p = sub.add_parser("infer", help="label spectra (trains first when needed)",
+                       description="Label spectra chunk by chunk; already labelled chunks are skipped.")
+    _job_options(p)
+    _run_options(p)
+    p = sub.add_parser("train", help="train the model only")
+    _job_options(p)
+    _run_options(p)
+    p = sub.add_parser("rerun-failed", help="re-fit failed spectra and failed chunks",
+                       description="Re-fit spectra whose result rows are failures (overwritten in "
+                                   "place) and rerun chunks whose task failed.")
+    _job_options(p)
+    _run_options(p)
+
+    p = sub.add_parser("status", help="task runs, failed task runs and failed spectra")
+    p.add_argument("--model", default=None, help="model primary key (default: all models)")
+    p.add_argument("--limit", type=int, default=20, help="failures listed (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("export", help="write results to a FITS table")
+    p.add_argument("-o", "--output", default=None, help="output file (default: <work dir>/results-<model>.fits)")
+    p.add_argument("--model", default=None, help="model primary key or name (default: newest)")
+    p.add_argument("--ok-only", action="store_true", help="leave out failed fits")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+    p = sub.add_parser("db", help="database schema: migrate or status")
+    dbsub = p.add_subparsers(dest="db_command", metavar="ACTION")
+    dbsub.required = True
+    dbsub.add_parser("migrate", help="apply pending migrations")
+    dbsub.add_parser("status", help="list migrations and whether they are applied")
+
+    sub.add_parser("flags", help="document the result flag bits")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def _job(args):
+    from . import config, pipeline
+
+    options = dict(order=args.order, regularization=args.regularization,
+                   chunk_size=(args.chunk_size if args.chunk_size is not None
+                               else config.get("chunk_size", pipeline.DEFAULT_CHUNK_SIZE, int)),
+                   model_dir=args.model_dir)
+    if args.code_version:
+        options["code_version"] = args.code_version
+    if args.labels:
+        options["label_names"] = pipeline.normalise_label_names(args.labels)
+    if args.training_set:
+        if not args.spectra and args.command != "train":
+            raise ValueError("--spectra is required with --training-set")
+        return pipeline.Job(training_set=args.training_set, spectra=tuple(args.spectra or ()),
+                            format=args.format, **options)
+    if args.spectra:
+        raise ValueError("--training-set is required with --spectra")
+    return pipeline.example_job(args.example_dir, n_train=args.n_train, n_test=args.n_test,
+                                n_files=args.n_files, seed=args.seed, **options)
+
+
+def _cmd_pipeline(args):
+    from . import config, db, pipeline, store
+
+    tasks = _tasks_module()
+    t0 = time.perf_counter()
+    job = _job(args)
+    url = config.database_url()
+    db.connect(url, migrate=True)  # schema up to date before any worker starts
+    db.close()
+    kind = "train" if args.command == "train" else "infer"
+    roots = tasks.job_tasks(job, kind=kind, rerun_failed=args.command == "rerun-failed",
+                            progress=not args.quiet, tag=args.tag)
+    root = roots[0]
+    if kind == "infer":
+        chunk_tasks = root.requires()
+        with pipeline.connected(url):
+            done = store.completed_task_ids([t.task_id for t in chunk_tasks])
+        n_spectra = sum(s.size() for t in chunk_tasks for s in t._segments)
+        reruns = sum(1 for t in chunk_tasks if t.rerun_failed)
+        _say(f"{len(job.spectra)} files, ~{n_spectra} spectra in {len(chunk_tasks)} chunks of up to "
+             f"{job.chunk_size}: {len(done)} complete, {len(chunk_tasks) - len(done)} to run"
+             + (f" ({reruns} with failed spectra to re-fit)" if reruns else ""), args.quiet)
+    _say(f"database: {_public_url(url)}; workers: {args.workers}; scheduler: "
+         f"{args.scheduler_url or 'local'}", args.quiet)
+    result = tasks.build(roots, workers=args.workers, scheduler_url=args.scheduler_url,
+                         log_level=args.log_level)
+    code = tasks.exit_code(result)
+    elapsed = time.perf_counter() - t0
+
+    identity = root.identity()
+    with pipeline.connected(url):
+        row = pipeline.find_model(identity)
+        report = pipeline.status_report(row.id if row is not None else None, limit=5)
+    counts = next((r for r in report["results"] if row is not None and r["model_pk"] == row.id), None)
+    print(f"{'done' if code == 0 else 'FAILED'} in {elapsed:.1f} s (exit code {code})")
+    if code != 0:
+        print(result.summary_text.strip())
+        seen = set()
+        for f in report["failed_task_runs"]:
+            if f["task_id"] not in seen:
+                seen.add(f["task_id"])
+                print(f"  failed: {f['task_id']}: {f['error_type']}: {(f['error_message'] or '').strip()[:200]}")
+        print("see `astra-cannon status`; fix the cause, then `astra-cannon rerun-failed` "
+              "(or run again)")
+    if row is not None:
+        print(f"model: {row.name} (id {row.id}) at {row.path}")
+        if counts:
+            print(f"results: {counts['ok']} ok, {counts['failed']} failed "
+                  f"(table cannon_result, view cannon_result_view) in {_public_url(url)}")
+        query = pipeline.result_query(row.name, identity["label_names"])
+        if url.startswith("sqlite:///"):
+            print(f"read them:  sqlite3 {url[len('sqlite:///'):]} \"{query}\"")
+        else:
+            print(f"read them:  {query}")
+        print("or export:  astra-cannon export -o results.fits")
+    return code
+
+
+def _cmd_status(args):
+    from . import pipeline
+
+    with pipeline.connected(migrate=True):
+        report = pipeline.status_report(int(args.model) if args.model else None, limit=args.limit)
+    if args.json:
+        print(json.dumps(report, default=str, indent=2))
+    else:
+        print(pipeline.format_status(report))
+    return 0
+
+
+def _cmd_export(args):
+    from . import config, export, pipeline
+
+    with pipeline.connected(migrate=True):
+        model = export._model_row(args.model)
+        output = args.output or str(config.work_dir() / f"results-{model.name}.fits")
+        info = export.export_results(output, model=model, include_failed=not args.ok_only,
+                                     overwrite=args.overwrite)
+    print(f"wrote {info['n_rows']} rows ({info['n_failed']} failed) of model {info['model_name']} "
+          f"to {info['path']}")
+    return 0
+
+
+def _cmd_db(args):
+    from . import config, db
+
+    database = db.connect(config.database_url(), migrate=False)
+    try:
+        if args.db_command == "migrate":
+            applied = db.migrate(database)
+            print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+        else:
+            for name, applied in db.migration_status(database):
+                print(f"{'applied' if applied else 'pending'}  {name}")
+    finally:
+        db.close()
+    return 0
+
+
+def _cmd_flags(args):
+    from . import flags
+
+    print(flags.documentation())
+    return 0
+
+
+COMMANDS = {"run": _cmd_pipeline, "infer": _cmd_pipeline, "train": _cmd_pipeline,
+            "rerun-failed": _cmd_pipeline, "status": _cmd_status, "export": _cmd_export,
+            "db": _cmd_db, "flags": _cmd_flags}
+
+
+def main(argv=None) -> int:
+    """Entry point of ``astra-cannon``; returns the exit code.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default ``sys.argv[1:]``).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Environment, so that Luigi worker processes and the config module see the same values.
+    if args.database_url:
+        os.environ["ASTRA_CANNON_DATABASE_URL"] = args.database_url
+    if args.work_dir:
+        os.environ["ASTRA_CANNON_WORK_DIR"] = os.path.abspath(args.work_dir)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, LookupError) as exc:
+        print(f"astra-cannon: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `astra-cannon status | head`
+        return 0
+    except KeyboardInterrupt:
+        print("astra-cannon: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line, non-zero exit
+        print(f"astra-cannon: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
