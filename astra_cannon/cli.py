@@ -71,11 +71,17 @@ def _public_url(url) -> str:
 # parser
 
 
+def _formats():
+    from .io import FORMATS
+
+    return FORMATS
+
+
 def _job_options(parser):
     g = parser.add_argument_group("job (default: the bundled example in <work dir>/example)")
     g.add_argument("--training-set", metavar="PATH", help="training-set FITS file (example layout)")
     g.add_argument("--spectra", metavar="PATH", nargs="+", help="spectra files to label")
-    g.add_argument("--format", default="example", choices=("example", "auto", "apstar", "aspcapstar"),
+    g.add_argument("--format", default="example", choices=_formats(),
                    help="spectra file format (default: %(default)s)")
     g.add_argument("--labels", metavar="NAMES", help="comma-separated labels (default: all in the training set)")
     g.add_argument("--order", type=int, default=2, help="polynomial order (default: %(default)s)")

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import __version__, config, db, flags as F, store
 from .models import CannonResult, TaskRun, TrainedModel
+from .io import FORMATS  # one list of reader formats, shared with the CLI and tasks
 
 __all__ = [
     "Job",
@@ -66,7 +67,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("example", "auto", "apstar", "aspcapstar")
 DEFAULT_CHUNK_SIZE = 500
 # Label names reach SQL only as bound values or through label_column(); still, refuse anything
 # that does not look like a label so hostile strings never reach a file name or a log line.
@@ -174,20 +174,10 @@ class Segment:
 
 
 def count_spectra(path, format="example"):
-    """Number of spectra in a file without reading the pixels, or ``None`` when unknown.
+    """Number of spectra in a file without reading the pixels (see :func:`astra_cannon.io.count_spectra`)."""
+    from .io import count_spectra as _count
 
-    Only the example layout has a cheap count (its FLUX header); for other formats, or a
-    file that cannot be opened, a chunk takes the whole file (the reader flags bad files).
-    """
-    if format != "example":
-        return None
-    try:
-        from astropy.io import fits
-
-        header = fits.getheader(os.fspath(path), "FLUX")
-        return int(header["NAXIS2"]) if int(header.get("NAXIS", 0)) == 2 else 1
-    except Exception:  # noqa: BLE001 - the reader reports the real problem per spectrum
-        return None
+    return _count(path, format)
 
 
 def plan_chunks(paths, chunk_size=DEFAULT_CHUNK_SIZE, format="example") -> list:

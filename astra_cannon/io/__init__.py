@@ -18,9 +18,27 @@ from .aspcapstar import read_aspcapstar
 from .base import Spectra
 
 __all__ = ["Spectra", "read_spectra", "read_apstar", "read_aspcapstar", "detect_format",
-           "to_gap_removed", "select_pixels", "FORMATS"]
+           "to_gap_removed", "select_pixels", "count_spectra", "FORMATS"]
 
 FORMATS = ("auto", "apstar", "aspcapstar", "example")
+
+
+def count_spectra(path, format="example"):
+    """Number of spectra in a file without reading the pixels, or ``None`` when unknown.
+
+    Pipelines use it to cut files into chunks by rows. Only formats with a cheap count answer
+    (the example layout, from its FLUX header); otherwise, or for a file that cannot be opened,
+    ``None`` (a chunk then takes the whole file and the reader flags bad files).
+    """
+    if format != "example":
+        return None
+    try:
+        from astropy.io import fits
+
+        header = fits.getheader(os.fspath(path), "FLUX")
+        return int(header["NAXIS2"]) if int(header.get("NAXIS", 0)) == 2 else 1
+    except Exception:  # noqa: BLE001 - the reader reports the real problem per spectrum
+        return None
 
 
 def detect_format(path):
