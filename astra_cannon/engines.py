@@ -191,8 +191,16 @@ def pixel_objective(M, b, c, theta, lam):
     return chi2 + lam * np.abs(theta[:, 1:]).sum(axis=1)
 
 
+def _inverse_spd(M):
+    """Inverse of a stack of symmetric matrices; pseudo-inverse where singular."""
+    try:
+        return np.linalg.inv(M)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(M, hermitian=True)
+
+
 def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=None, max_iterations=8,
-                 s2_rtol=1e-3, fixed_s2=None, progress=None):
+                 s2_rtol=1e-3, fixed_s2=None, theta_covariance=True, progress=None):
     """Fit theta and s2 for every pixel.
 
     Parameters
@@ -212,6 +220,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         Stop when no pixel's ``s2`` changes by more than this (relative, or 1e-12 absolute).
     fixed_s2 : ndarray of shape (P,), optional
         Fit theta at this scatter and skip the scatter estimate.
+    theta_covariance : bool
+        Also return each pixel's packed theta covariance ``(A^T W A)^-1`` (``info["theta_cov"]``,
+        shape (P, K (K + 1) / 2)), used to propagate the model's uncertainty at test time.
+        Skipped (None) when it would exceed 256 MB.
     progress : callable, optional
         Called as ``progress(n_pixels_done)`` after each block.
 
@@ -238,6 +250,9 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
 
     theta = np.zeros((P, K))
     theta[:, 0] = 1.0
+    Kt = K * (K + 1) // 2
+    iu, ju = _upper_indices(K)
+    theta_cov = np.zeros((P, Kt)) if theta_covariance and P * Kt * 8 <= _PAIRS_CACHE_BYTES else None
     s2 = np.zeros(P) if fixed_s2 is None else np.array(fixed_s2, dtype=float)
     dead = np.zeros(P, dtype=bool)
     objective = np.full(P, np.nan)
@@ -279,6 +294,15 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
                     lasso_sweeps_arr[b0 + todo[r]] = it
                     lasso_unconverged += left.size
             theta[b0 + todo] = sol
+            if theta_cov is not None:
+                with _small_matrix_blas():
+                    inv = _inverse_spd(M)
+                if cens_b is not None:
+                    # a censored coefficient is exactly zero: no uncertainty
+                    cmask = cens_b[todo]
+                    inv[np.broadcast_to(cmask[:, :, None], inv.shape)] = 0.0
+                    inv[np.broadcast_to(cmask[:, None, :], inv.shape)] = 0.0
+                theta_cov[b0 + todo] = inv[:, iu, ju]
             c = np.einsum("np,np->p", w, f_t * f_t)
             objective[b0 + todo] = pixel_objective(M, rhs, c, sol, lam_t)
             if fixed_s2 is not None:
@@ -307,6 +331,7 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         "objective": objective,
         "lasso_sweeps": lasso_sweeps_arr,
         "lasso_unconverged": int(lasso_unconverged),
+        "theta_cov": theta_cov,
         "t_train": time.perf_counter() - t0,
     }
 
@@ -355,9 +380,19 @@ class SpectrumStatistics:
         ``inf`` marks a dead pixel.
     theta_pairs : ndarray, shape (P, K (K + 1) / 2), optional
         ``khatri_rao_upper(theta)``, cached by the caller across batches when it fits in memory.
+    extra_variance : ndarray, shape (S, P), optional
+        Variance added to every pixel's noise (the model's own uncertainty at the spectrum's
+        labels), on top of ``s2``.
+    theta_cov : ndarray, shape (P, K (K + 1) / 2), optional
+        Packed per-pixel covariance of theta. When given, the fit objective is corrected for
+        the model's noise: ``Qfit = Q - sum_p w_p Cov(theta_p)``. Without it the fitted labels
+        are pulled towards where the model is best determined (the training set's centre),
+        because the squared model error ``v^T Cov(theta_p) v`` grows away from it; subtracting
+        its expectation removes that bias (a corrected score). ``Q`` itself (used for the
+        covariance) is unchanged.
     """
 
-    def __init__(self, theta, flux, ivar, s2, theta_pairs=None):
+    def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None):
         P, K = theta.shape
         f = np.array(flux, dtype=np.float64)
         iv = np.array(ivar, dtype=np.float64)
@@ -370,7 +405,10 @@ class SpectrumStatistics:
             bad |= dead[None, :]
         np.copyto(f, 0.0, where=bad)
         np.copyto(iv, 0.0, where=bad)
-        w = iv / (1.0 + iv * np.where(dead, 0.0, s2))
+        var = np.where(dead, 0.0, s2)
+        if extra_variance is not None:
+            var = var + np.where(bad, 0.0, extra_variance)
+        w = iv / (1.0 + iv * var)
         self.K = K
         self.n_pixels = P - bad.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -389,20 +427,25 @@ class SpectrumStatistics:
                 sl = slice(start, start + block)
                 Qf += w[:, sl] @ khatri_rao_upper(theta[sl])
         self.Q = unpack_symmetric(Qf, K)
+        self.Qfit = self.Q
+        if theta_cov is not None:
+            Qc = self.Q - unpack_symmetric(w @ theta_cov, K)
+            # Keep the correction only where the corrected quadratic form stays positive definite.
+            pd = np.linalg.eigvalsh(Qc).min(axis=1) > 0 if K <= 64 else np.ones(len(Qc), dtype=bool)
+            self.Qfit = np.where(pd[:, None, None], Qc, self.Q)
         np.sqrt(w, out=w)
         w *= f
         self.snr = _median_of_good(w, bad)
 
     def chi2(self, v, rows):
         """chi2 of label vectors ``v`` (R, K) against spectra ``rows`` (R,)."""
-        Qv = (self.Q[rows] @ v[:, :, None])[:, :, 0]
+        Qv = (self.Qfit[rows] @ v[:, :, None])[:, :, 0]
         return np.einsum("ri,ri->r", v, Qv) - 2 * np.einsum("ri,ri->r", v, self.c[rows]) + self.e[rows]
 
     def chi2_grid(self, V):
         """chi2 of every spectrum at every candidate label vector ``V`` (C, K): (S, C)."""
         iu, ju = _upper_indices(self.K)
-        weights = np.where(iu == ju, 1.0, 2.0)
-        Qf = self.Q[:, iu, ju] * weights
+        Qf = self.Qfit[:, iu, ju] * pack_weights(self.K)
         VV = V[:, iu] * V[:, ju]
         return Qf @ VV.T - 2 * self.c @ V.T + self.e[:, None]
 
@@ -443,7 +486,7 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
             break
         a = active
         ra = rows[a]
-        Q = stats.Q[ra]
+        Q = stats.Qfit[ra]
         u = (Q @ V[a][:, :, None])[:, :, 0] - stats.c[ra]
         H, g = _gauss_newton(Q, vectorizer, x[a], u)  # J^T W J (exact Gauss-Newton matrix) and J^T W r
         dH = np.einsum("rll->rl", H)
@@ -482,9 +525,21 @@ def _covariance(stats, vectorizer, x, rows):
     return cov
 
 
+def pack_weights(K):
+    """Weights turning ``khatri_rao_upper(v) @ packed(C)`` into ``v^T C v`` (2 off the diagonal)."""
+    iu, ju = _upper_indices(K)
+    return np.where(iu == ju, 1.0, 2.0)
+
+
+def _model_variance(vectorizer, x, theta_cov):
+    """``v(x)^T C_p v(x)`` for every row of ``x`` and every pixel: (R, P)."""
+    V = vectorizer._vector_rows(x)
+    return (khatri_rao_upper(V) * pack_weights(V.shape[1])) @ theta_cov.T
+
+
 def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, n_optimise=3,
                  optimise_all=False, max_iterations=100, batch_size=256, normalised_range=(0.5, 1.5),
-                 progress=None):
+                 theta_cov=None, progress=None):
     """Fit labels for many spectra at once.
 
     Parameters
@@ -506,6 +561,11 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     normalised_range : (float, float)
         A spectrum whose mean usable flux lies outside this range is flagged
         ``UNNORMALISED_FLUX`` and not fitted.
+    theta_cov : ndarray, shape (P, K (K + 1) / 2), optional
+        Packed covariance of each pixel's theta from training. When given, the model's own
+        variance ``v^T C_p v`` at the first optimum is added to every pixel's noise and the fit
+        is refined from there, so chi2 and the label covariance include the training set's
+        finite size (a second, short pass).
     progress : callable, optional
         Called as ``progress(n_spectra_done)`` after each batch.
 
@@ -558,7 +618,7 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             xs = (cand - fiducials) / scales  # (n_ok, C, L)
             if per_spectrum:
                 V = vectorizer.get_label_vector(xs.reshape(-1, L)).T.reshape(ok.size, C, -1)
-                chi_c = np.einsum("sck,sck->sc", V, np.einsum("sij,scj->sci", stats.Q[ok], V)) \
+                chi_c = np.einsum("sck,sck->sc", V, np.einsum("sij,scj->sci", stats.Qfit[ok], V)) \
                     - 2 * np.einsum("sck,sk->sc", V, stats.c[ok]) + stats.e[ok, None]
             else:
                 chi_c = stats.chi2_grid(vectorizer.get_label_vector(xs[0]).T)[ok]
@@ -573,21 +633,35 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             best = np.argmin(chi_r, axis=1)
             pick = np.arange(ok.size) * k + best
             xb, chib = x[pick], chi[pick]
+            nfev_total = nfev.reshape(ok.size, k).sum(axis=1)
+            ier_b = ier[pick]
+            if theta_cov is not None:
+                # Second pass: add the model's variance at the first optimum to the noise.
+                model_var = _model_variance(vectorizer, xb, theta_cov)
+                stats = SpectrumStatistics(theta, np.asarray(flux[sl])[ok], np.asarray(ivar[sl])[ok], s2,
+                                           theta_pairs=pairs, extra_variance=model_var, theta_cov=theta_cov)
+                ok_rows = np.arange(ok.size)
+                with _small_matrix_blas():
+                    xb, chib, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok_rows,
+                                                                  max_iterations=max_iterations)
+                nfev_total = nfev_total + nfev2
+            else:
+                ok_rows = ok
             with _small_matrix_blas():
-                cov = _covariance(stats, vectorizer, xb, ok)
+                cov = _covariance(stats, vectorizer, xb, ok_rows)
             idx = np.arange(sl.start, sl.stop)[ok]
             out["labels"][idx] = xb * scales + fiducials
             out["cov"][idx] = scales[None, :, None] * cov * scales[None, None, :]
             out["chi2"][idx] = chib
             with np.errstate(divide="ignore", invalid="ignore"):
                 out["rchi2"][idx] = chib / (n_pix[ok] - L)
-            out["ier"][idx] = ier[pick]
-            out["nfev"][idx] = nfev.reshape(ok.size, k).sum(axis=1)
+            out["ier"][idx] = ier_b
+            out["nfev"][idx] = nfev_total
             out["start_index"][idx] = which[pick]
             out["x0"][idx] = x0[pick] * scales + fiducials
             extra = np.zeros(ok.size, dtype=np.int64)
             extra[~np.all(np.isfinite(cov), axis=(1, 2))] |= F.NONFINITE_COVARIANCE
-            extra[(ier[pick] == 5) | ~np.isfinite(chib)] |= F.OPTIMIZER_FAILED
+            extra[(ier_b == 5) | ~np.isfinite(chib)] |= F.OPTIMIZER_FAILED
             extra[np.all(np.abs(xb - x0[pick]) <= 1e-10, axis=1)] |= F.AT_INITIAL_GUESS
             fl[ok] |= extra
         out["flags"][sl] = fl

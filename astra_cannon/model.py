@@ -132,6 +132,7 @@ class CannonModel:
             raise ValueError(f"labels without spread in the training set: {[vectorizer.label_names[i] for i in np.flatnonzero(flat)]}")
         self.theta = None
         self.s2 = None
+        self.theta_cov = None
         self.metadata = {}
         self._training_set_hash = None
         self._check_correlations()
@@ -247,6 +248,7 @@ class CannonModel:
             regularization=self.regularization, censored_terms=cens if cens.any() else None,
             max_iterations=max_iterations, progress=progress)
         self.theta, self.s2 = theta, s2
+        self.theta_cov = info["theta_cov"]
         summary = {
             "t_train": info["t_train"],
             "n_iterations": info["n_iterations"],
@@ -290,7 +292,7 @@ class CannonModel:
         return np.array(points)
 
     def test(self, flux, ivar, initial_labels=None, n_init=16, n_optimise=3, max_iterations=100, batch_size=256,
-             rchi2_threshold=None, hull_tolerance=0.1, progress=None):
+             rchi2_threshold=None, hull_tolerance=0.1, model_uncertainty=True, progress=None):
         """Fit labels to many spectra.
 
         Each spectrum's chi2 is evaluated at every candidate start (the fiducial point plus
@@ -316,6 +318,11 @@ class CannonModel:
         hull_tolerance : float
             Flag ``OUTSIDE_TRAINING_HULL`` when a label leaves the training range widened by
             this fraction of the range on each side (a documented proxy for the convex hull).
+        model_uncertainty : bool
+            Add the model's own variance at the fitted labels (from the finite training set,
+            ``v^T Cov(theta_p) v`` per pixel) to the noise and refine the fit, so chi2 and the
+            label uncertainties include it. Needs ``theta_cov`` from training (kept when it
+            fits in 256 MB, e.g. up to ~40 terms at 8575 pixels); otherwise ignored.
         progress : callable, optional
             ``progress(n_spectra_done)``.
 
@@ -337,11 +344,13 @@ class CannonModel:
         """
         out = self.test_arrays(flux, ivar, initial_labels=initial_labels, n_init=n_init, n_optimise=n_optimise,
                                max_iterations=max_iterations, batch_size=batch_size,
-                               rchi2_threshold=rchi2_threshold, hull_tolerance=hull_tolerance, progress=progress)
+                               rchi2_threshold=rchi2_threshold, hull_tolerance=hull_tolerance,
+                               model_uncertainty=model_uncertainty, progress=progress)
         return out["labels"], out["cov"], self.meta_from_arrays(out)
 
     def test_arrays(self, flux, ivar, initial_labels=None, n_init=16, n_optimise=3, max_iterations=100,
-                    batch_size=256, rchi2_threshold=None, hull_tolerance=0.1, progress=None):
+                    batch_size=256, rchi2_threshold=None, hull_tolerance=0.1, model_uncertainty=True,
+                    progress=None):
         """Like :meth:`test`, but returns the per-spectrum results as a dict of arrays.
 
         Keys: ``labels, cov, chi2, rchi2, snr, n_pixels, ier, nfev, start_index, x0, flags,
@@ -367,7 +376,8 @@ class CannonModel:
                 raise ValueError(f"initial_labels must have shape (L,), (C, L) or (S, C, L) with L = {L}, got {starts.shape}")
         out = label_spectra(self.theta, self.s2, self.vectorizer, self.fiducials, self.scales, flux, ivar, starts,
                            n_optimise=n_optimise, optimise_all=optimise_all, max_iterations=max_iterations,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, theta_cov=self.theta_cov if model_uncertainty else None,
+                           progress=progress)
         ok = np.all(np.isfinite(out["labels"]), axis=1)
         if self.training_set_labels is not None and hull_tolerance is not None:
             lo = self.training_set_labels.min(axis=0)
@@ -442,6 +452,8 @@ class CannonModel:
         }
         if self.dispersion is not None:
             arrays["dispersion"] = self.dispersion
+        if self.theta_cov is not None:
+            arrays["theta_cov"] = self.theta_cov
         if include_training_set:
             arrays["training_set_flux"] = self.training_set_flux
             arrays["training_set_ivar"] = self.training_set_ivar
@@ -547,6 +559,10 @@ class CannonModel:
                          if model.censor_mask[:, i].any()} or None
         model.fiducials, model.scales = arrays["fiducials"], arrays["scales"]
         model.theta, model.s2 = theta, s2
+        model.theta_cov = arrays.get("theta_cov")
+        if model.theta_cov is not None and (model.theta_cov.shape != (P, vec.n_terms * (vec.n_terms + 1) // 2)
+                                            or not np.all(np.isfinite(model.theta_cov))):
+            raise ModelFileError(f"{path}: theta_cov has shape {model.theta_cov.shape} or non-finite values")
         model.metadata = header.get("metadata", {})
         model.metadata["file"] = {"code_version": header.get("code_version"), "written": header.get("written")}
         model._training_set_hash = header.get("training_set_hash")

@@ -48,6 +48,7 @@ __all__ = [
     "Spectrum",
     "TaskRun",
     "CannonResult",
+    "ValidationRun",
     "LABEL_COLUMNS",
     "TASK_STATUSES",
     "label_column",
@@ -339,4 +340,37 @@ RESULT_UPDATE_FIELDS = tuple(
     f for f in CannonResult._meta.sorted_fields if f.name not in ("id", "model", "spectrum", "created")
 )
 
-ALL_MODELS = (TrainedModel, Spectrum, TaskRun, CannonResult)
+
+
+class ValidationRun(BaseModel):
+    """A cross-validation or regularisation-choice run on one training set (migration 0003).
+
+    ``kind`` is ``'cross_validation'`` or ``'regularization'``; one row per (kind,
+    ``parameters_hash``), overwritten in place by a rerun. ``bias``/``scatter`` hold per-label
+    values (JSON objects label -> float) for cross-validation; ``chosen_regularization`` and
+    ``at_grid_edge`` the regularisation choice; ``results`` everything else (robust scatter,
+    per-Lambda scores, counts, timings); ``plot_paths`` the PNG files written.
+    """
+
+    kind = pw.CharField(max_length=32)
+    model_name = pw.TextField(null=True)
+    training_set_hash = pw.CharField(max_length=128)
+    label_names = SanitisedJSONField()
+    parameters = SanitisedJSONField()
+    parameters_hash = pw.CharField(max_length=64)
+    n_stars = pw.IntegerField(null=True)
+    bias = SanitisedJSONField(null=True)
+    scatter = SanitisedJSONField(null=True)
+    chosen_regularization = FiniteFloatField(null=True)
+    at_grid_edge = pw.BooleanField(null=True)
+    results = SanitisedJSONField(null=True)
+    plot_paths = SanitisedJSONField(null=True)
+    task_run = pw.ForeignKeyField(TaskRun, null=True, backref="validation_runs", on_delete="SET NULL")
+    created = pw.DateTimeField(default=_now)
+
+    class Meta:
+        table_name = "validation_run"
+        indexes = ((("kind", "parameters_hash"), True),)
+
+
+ALL_MODELS = (TrainedModel, Spectrum, TaskRun, CannonResult, ValidationRun)

@@ -56,7 +56,11 @@ __all__ = [
     "read_chunk",
     "fit_spectra",
     "normalise_for_model",
+    "continuum_mask_for_grid",
+    "read_training_provenance",
+    "model_plot_path",
     "infer_chunk",
+    "rchi2_threshold",
     "rerun_tokens",
     "status_report",
     "format_status",
@@ -301,8 +305,52 @@ def read_training_set(path, label_names=None):
     return labels[:, columns], wanted, flux, ivar, wavelength
 
 
-def train_and_register(*, training_set, identity, path, model_name_=None):
-    """Train a model, write it atomically and register it.
+def read_training_provenance(path) -> dict | None:
+    """The assembly provenance stored in a training-set file, or ``None``.
+
+    Training sets assembled from survey files (:func:`astra_cannon.workflow.assemble_training_file`)
+    carry a ``PROVENANCE`` HDU: the label table and spectra used, the quality cuts, and every
+    dropped star with its reason. Files without it (e.g. the bundled example) give ``None``.
+    """
+    from astropy.io import fits
+
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if "PROVENANCE" not in hdul:
+                return None
+            raw = np.asarray(hdul["PROVENANCE"].data, dtype=np.uint8).tobytes()
+        return json.loads(raw.decode("utf-8"))
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("cannot read the provenance of training set %s: %s", path, exc)
+        return None
+
+
+def model_plot_path(model_file) -> Path:
+    """Where the theta/s2 figure of a model file goes: ``<model>.theta.png`` next to it."""
+    model_file = Path(model_file)
+    return model_file.with_name(model_file.stem + ".theta.png")
+
+
+def _plot_model_quietly(model, path, title=None):
+    """Draw the theta/s2 figure; return its path, or ``None`` (logged) when it cannot be drawn.
+
+    Plots are diagnostics: a missing matplotlib or a drawing error never fails training.
+    """
+    try:
+        from . import plot
+        import matplotlib  # noqa: F401 - optional dependency: skip cleanly without it
+    except ImportError as exc:
+        log.info("matplotlib is not available (%s): model plot skipped", exc)
+        return None
+    try:
+        return str(plot.theta_and_scatter(model, path, title=title))
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        log.warning("could not draw the model plot %s: %s: %s", path, type(exc).__name__, exc)
+        return None
+
+
+def train_and_register(*, training_set, identity, path, model_name_=None, report=None, plots=True):
+    """Train a model, write it atomically, draw its theta/s2 figure and register it.
 
     Parameters
     ----------
@@ -311,11 +359,17 @@ def train_and_register(*, training_set, identity, path, model_name_=None):
         From :func:`model_identity`; its ``training_set_sha256`` must match the file.
     path : str or Path
         Model file to write (replaced atomically).
+    report : callable, optional
+        ``report(message, percent)`` at each stage (Luigi status messages).
+    plots : bool
+        Write ``<model>.theta.png`` next to the model file (skipped, with a log line, when
+        matplotlib is missing or drawing fails).
 
     Returns
     -------
     (CannonModel, TrainedModel, dict)
-        The trained model, its database row and a summary.
+        The trained model, its database row and a summary (with ``plots`` and, for assembled
+        survey training sets, ``training_set``: dropped stars and their reasons).
 
     Raises
     ------
@@ -324,26 +378,40 @@ def train_and_register(*, training_set, identity, path, model_name_=None):
     """
     from . import CannonModel, PolynomialVectorizer
 
+    report = report or (lambda message, percent: None)
     t0 = time.perf_counter()
+    report("checking the training set", 0)
     actual = file_sha256(training_set)
     if actual != identity["training_set_sha256"]:
         raise ValueError(f"training set {training_set} changed: sha256 {actual[:16]}..., "
                          f"expected {identity['training_set_sha256'][:16]}...")
+    report("reading the training set", 5)
     labels, names, flux, ivar, wavelength = read_training_set(training_set, identity["label_names"])
     vectorizer = PolynomialVectorizer(list(names), identity["order"])
     model = CannonModel(labels, flux, ivar, vectorizer, dispersion=wavelength,
                         regularization=identity["regularization"] or None)
+    report(f"training on {labels.shape[0]} stars x {flux.shape[1]} pixels", 10)
     _, _, meta = model.train()
+    report("writing the model file", 80)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.write(path)  # atomic: temporary file + os.replace
     checksum = file_sha256(path)
+    plot_paths = []
+    if plots:
+        report("drawing the model figure", 90)
+        drawn = _plot_model_quietly(model, model_plot_path(path), title=model_name_ or model_name(identity))
+        plot_paths = [drawn] if drawn else []
     row = store.register_model(name=model_name_ or model_name(identity), model=model, path=str(path),
                                file_checksum=checksum, parameters=identity)
     summary = {"n_stars": int(labels.shape[0]), "n_pixels": int(flux.shape[1]),
                "t_train": time.perf_counter() - t0, "model_pk": row.id, "path": str(path),
                "warnings": model.metadata.get("warnings", []),
-               "n_dead_pixels": meta.get("n_dead_pixels")}
+               "n_dead_pixels": meta.get("n_dead_pixels"), "plots": plot_paths}
+    provenance = read_training_provenance(training_set)
+    if provenance is not None:
+        summary["training_set"] = provenance
+    report("done", 100)
     return model, row, summary
 
 
@@ -395,12 +463,15 @@ def read_chunk(segments, format, wavelength):
 
 
 def normalise_for_model(model, spectra, n_per_chip=150):
-    """Continuum-normalise unnormalised spectra with continuum pixels chosen from the model.
+    """Continuum-normalise unnormalised spectra (e.g. apStar) before fitting.
 
     Normalised batches are returned unchanged. The model was trained on normalised flux, so
-    fitting raw flux would give silent garbage; pixels whose baseline is near 1 and that respond
-    little to the labels (:func:`astra_cannon.continuum.continuum_pixels_from_model`) define the
-    pseudo-continuum.
+    fitting raw flux would give silent garbage. On an APOGEE grid (8575, 7514 or 7214 pixels)
+    the shipped continuum-pixel mask defines the pseudo-continuum
+    (:func:`continuum_mask_for_grid`); on any other grid, pixels whose baseline is near 1 and
+    that respond little to the labels
+    (:func:`astra_cannon.continuum.continuum_pixels_from_model`). ``meta[i]["continuum"]``
+    says which was used.
 
     Returns
     -------
@@ -410,9 +481,41 @@ def normalise_for_model(model, spectra, n_per_chip=150):
         return spectra
     from .continuum import continuum_pixels_from_model, normalise_spectra
 
-    mask = continuum_pixels_from_model(model.theta, model.s2, n_per_chip=n_per_chip)
+    mask = continuum_mask_for_grid(spectra.wavelength)
+    source = "shipped continuum mask"
+    if mask is None:
+        mask = continuum_pixels_from_model(model.theta, model.s2, n_per_chip=n_per_chip)
+        source = "model continuum pixels"
     normalised, _ = normalise_spectra(spectra, mask)
+    normalised.meta = [dict(m, continuum=source) for m in normalised.meta]
     return normalised
+
+
+def continuum_mask_for_grid(wavelength):
+    """The shipped continuum-pixel mask on an APOGEE grid, or ``None`` for any other grid.
+
+    ``astra_cannon/data/cannon_continuum_pixels_7214.npz`` (the Cannon continuum pixels, via
+    The Payne, MIT) moved onto the 8575, 7514 or 7214 grid when ``wavelength`` is one of them.
+
+    Parameters
+    ----------
+    wavelength : array_like, shape (P,)
+
+    Returns
+    -------
+    ndarray of bool, shape (P,), or None
+    """
+    from .io import grid
+
+    name = grid.identify_grid(wavelength)
+    if name is None:
+        return None
+    n_pixels = int(np.asarray(wavelength).shape[0])
+    try:
+        return grid.load_continuum_mask(n_pixels)
+    except FileNotFoundError as exc:  # a broken installation: fall back, but say so
+        log.warning("%s; choosing continuum pixels from the model instead", exc)
+        return None
 
 
 def _source_rows(spectra):
@@ -429,13 +532,15 @@ def _source_rows(spectra):
     return rows
 
 
-def fit_spectra(model, spectra):
+def fit_spectra(model, spectra, rchi2_threshold=None):
     """Fit every usable spectrum of a batch; reader-flagged failures are not fitted.
 
     Parameters
     ----------
     model : CannonModel
     spectra : Spectra
+    rchi2_threshold : float, optional
+        Fits with a reduced chi2 above this get ``LARGE_RCHI2`` (a warning bit: labels kept).
 
     Returns
     -------
@@ -458,6 +563,13 @@ def fit_spectra(model, spectra):
         for k, i in enumerate(idx):
             m = dict(mt[k])
             m["flags"] = int(m.get("flags") or 0) | int(reader_flags[i])
+            rchi2 = m.get("r_chi_sq")
+            if rchi2_threshold is not None and rchi2 is not None and np.isfinite(rchi2) \
+                    and rchi2 > rchi2_threshold and m.get("status") != "failed":
+                m["flags"] |= F.LARGE_RCHI2
+            extra = spectra.meta[i] if spectra.meta and spectra.meta[i] else {}
+            if extra.get("continuum"):
+                m["continuum"] = extra["continuum"]
             meta[i] = m
     for i in np.flatnonzero(~usable):
         reason = reasons[i] or ", ".join(F.decode(int(reader_flags[i])))
@@ -468,7 +580,15 @@ def fit_spectra(model, spectra):
     return labels, cov, meta, reasons
 
 
-def infer_chunk(*, model, model_pk, segments, format, task_run, rerun_failed=False, progress=None) -> dict:
+def rchi2_threshold() -> float | None:
+    """The ``LARGE_RCHI2`` threshold: ``[astra_cannon] rchi2_threshold`` or
+    ``ASTRA_CANNON_RCHI2_THRESHOLD`` (default 3.0; 0 or a negative value switches it off)."""
+    value = config.get("rchi2_threshold", 3.0, float)
+    return float(value) if value and value > 0 else None
+
+
+def infer_chunk(*, model, model_pk, segments, format, task_run, rerun_failed=False, progress=None,
+                report=None) -> dict:
     """Label one chunk and write it with its completion marker in one transaction.
 
     Parameters
@@ -483,13 +603,18 @@ def infer_chunk(*, model, model_pk, segments, format, task_run, rerun_failed=Fal
         Also re-fit spectra whose stored result is a failure (overwritten in place).
     progress : callable, optional
         ``progress(text)`` for one-line progress messages.
+    report : callable, optional
+        ``report(message, percent)`` at each stage (Luigi status message and progress bar).
 
     Returns
     -------
     dict
         Summary stored in ``task_run.summary``: counts, ``n_fitted``, ``n_skipped``, times.
     """
+    report = report or (lambda message, percent: None)
     t0 = time.perf_counter()
+    n_files = len({seg.path for seg in segments})
+    report(f"reading {n_files} file(s)", 0)
     spectra = read_chunk(segments, format, model.dispersion)
     t_read = time.perf_counter() - t0
     if spectra is None:
@@ -506,20 +631,24 @@ def infer_chunk(*, model, model_pk, segments, format, task_run, rerun_failed=Fal
         spectra = _subset(spectra, take)
         pks = [pks[i] for i in take]
     t1 = time.perf_counter()
-    if len(pks):
+    if len(pks) and not spectra.normalised:
+        report(f"continuum-normalising {len(pks)} spectra", 20)
         spectra = normalise_for_model(model, spectra)
     if len(pks):
-        labels, cov, meta, reasons = fit_spectra(model, spectra)
+        report(f"fitting {len(pks)} spectra ({n_total - len(pks)} already done)", 30)
+        labels, cov, meta, reasons = fit_spectra(model, spectra, rchi2_threshold=rchi2_threshold())
     else:
         L = len(model.label_names)
         labels, cov, meta, reasons = np.zeros((0, L)), None, [], []
     t_fit = time.perf_counter() - t1
+    report(f"writing {len(pks)} results", 90)
     extra = {"n_fitted": len(pks), "n_skipped": n_total - len(pks), "t_read": t_read, "t_fit": t_fit,
              "rerun_failed": bool(rerun_failed)}
     summary = store.write_chunk(task_run=task_run, model_pk=model_pk, spectrum_pks=pks,
                                 label_names=list(model.label_names), labels=labels, cov=cov, meta=meta,
                                 reasons=reasons, summary=extra)
     summary["t_total"] = time.perf_counter() - t0
+    report(f"done: {len(pks)} fitted, {summary.get('n_failed', 0)} failed", 100)
     if progress is not None:
         progress(f"fitted {len(pks)} spectra ({summary.get('n_failed', 0)} failed) "
                  f"in {summary['t_total']:.1f} s")

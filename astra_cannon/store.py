@@ -39,6 +39,7 @@ from .models import (
     Spectrum,
     TaskRun,
     TrainedModel,
+    ValidationRun,
     covariance_to_blob,
     covariance_from_blob,
     label_column,
@@ -57,6 +58,9 @@ __all__ = [
     "failed_results",
     "failed_task_runs",
     "read_results",
+    "write_validation_run",
+    "read_validation_runs",
+    "VALIDATION_KINDS",
     "parameters_hash",
     "fault_point",
     "FAULT_POINTS",
@@ -686,3 +690,109 @@ def read_results(model_pk=None, spectrum_pks=None) -> list[dict]:
         out.append(row)
     return out
 
+
+
+# --------------------------------------------------------------------------------------------
+# validation runs (cross-validation, regularisation choice)
+
+#: Values of ``validation_run.kind``.
+VALIDATION_KINDS = ("cross_validation", "regularization")
+
+
+def write_validation_run(*, kind, parameters, training_set_hash, label_names, task_run=None,
+                         model_name=None, n_stars=None, bias=None, scatter=None,
+                         chosen_regularization=None, at_grid_edge=None, results=None,
+                         plot_paths=None, summary=None) -> ValidationRun:
+    """Store a cross-validation or regularisation-choice result (upsert), and mark its task
+    run done in the same transaction.
+
+    Parameters
+    ----------
+    kind : {"cross_validation", "regularization"}
+    parameters : dict
+        Everything that defines the run (model identity, folds, grid, seed...); its canonical
+        hash with ``kind`` is the row's key, so a rerun overwrites the row in place.
+    training_set_hash : str
+    label_names : sequence of str
+    task_run : TaskRun or int, optional
+        Marked ``done`` (with ``summary``) in the same transaction as the row.
+    model_name : str, optional
+    n_stars : int, optional
+    bias, scatter : dict, optional
+        Per-label values (label -> float; NaN stored as null).
+    chosen_regularization : float, optional
+    at_grid_edge : bool, optional
+    results : dict, optional
+        Any further JSON-safe detail (numpy values are converted).
+    plot_paths : list of str, optional
+    summary : dict, optional
+        Stored in ``task_run.summary``.
+
+    Returns
+    -------
+    ValidationRun
+        The stored row.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``kind``.
+    peewee.DatabaseError
+        When the write fails (nothing is written).
+    """
+    if kind not in VALIDATION_KINDS:
+        raise ValueError(f"kind must be one of {VALIDATION_KINDS}, not {kind!r}")
+    p_hash = parameters_hash({"kind": kind, **dict(parameters)})
+    row = dict(
+        kind=kind,
+        model_name=None if model_name is None else str(model_name),
+        training_set_hash=str(training_set_hash),
+        label_names=[str(n) for n in label_names],
+        parameters=sanitise_json(parameters),
+        parameters_hash=p_hash,
+        n_stars=_optional_int(n_stars),
+        bias=None if bias is None else sanitise_json(bias),
+        scatter=None if scatter is None else sanitise_json(scatter),
+        chosen_regularization=chosen_regularization,
+        at_grid_edge=None if at_grid_edge is None else bool(at_grid_edge),
+        results=None if results is None else sanitise_json(results),
+        plot_paths=None if plot_paths is None else [str(p) for p in plot_paths],
+        task_run=None if task_run is None else _pk(task_run),
+        created=_now(),
+    )
+    preserve = [getattr(ValidationRun, k) for k in row if k not in ("kind", "parameters_hash")]
+    with db.atomic_write():
+        (ValidationRun.insert(**row)
+         .on_conflict(conflict_target=[ValidationRun.kind, ValidationRun.parameters_hash], preserve=preserve)
+         .execute())
+        if task_run is not None:
+            values = _finish_values(task_run, "done", summary or {})
+            if TaskRun.update(values).where(TaskRun.id == _pk(task_run)).execute() != 1:
+                raise pw.IntegrityError(f"task_run {_pk(task_run)} does not exist")  # pragma: no cover
+    if isinstance(task_run, TaskRun):
+        task_run.status = "done"
+    return ValidationRun.get((ValidationRun.kind == kind) & (ValidationRun.parameters_hash == p_hash))
+
+
+def read_validation_runs(kind=None, training_set_hash=None, limit=None) -> list[dict]:
+    """Return stored validation runs as dicts, newest first.
+
+    Parameters
+    ----------
+    kind : str, optional
+        ``"cross_validation"`` or ``"regularization"``.
+    training_set_hash : str, optional
+    limit : int, optional
+    """
+    query = ValidationRun.select().order_by(ValidationRun.id.desc())
+    if kind is not None:
+        query = query.where(ValidationRun.kind == str(kind))
+    if training_set_hash is not None:
+        query = query.where(ValidationRun.training_set_hash == str(training_set_hash))
+    if limit is not None:
+        query = query.limit(int(limit))
+    out = []
+    for row in query.dicts():
+        row["task_run_pk"] = row.pop("task_run")
+        out.append(row)
+    return out

@@ -121,7 +121,9 @@ def test_results_are_deterministic_and_batch_size_independent(trained):
     _, flux, ivar = truth.sample(20)
     a, ca, _ = model.test(flux, ivar, batch_size=7)
     b, cb, _ = model.test(flux, ivar, batch_size=256)
-    np.testing.assert_allclose(a, b, rtol=1e-10)
+    # BLAS blocking differs with the batch, so agreement is to the optimiser's tolerance
+    sigma = np.sqrt(np.diagonal(ca, axis1=1, axis2=2))
+    np.testing.assert_allclose((a - b) / sigma, 0, atol=1e-4)
     c, _, _ = model.test(flux, ivar, batch_size=7)
     np.testing.assert_array_equal(a, c)
 
@@ -274,3 +276,24 @@ def test_unnormalised_flux_is_flagged_not_fitted(trained):
     got, cov, meta = model.test(flux, ivar)
     assert meta[1]["flags"] & F.UNNORMALISED_FLUX and meta[1]["status"] == "failed"
     assert np.all(np.isnan(got[1])) and np.all(np.isfinite(got[[0, 2]]))
+
+
+def test_model_uncertainty_correction_removes_pull_towards_training_centre():
+    from fixtures_numerics import TruthModel
+
+    truth = TruthModel(n_pixels=1000, seed=4)
+    labels, flux, ivar = truth.sample(60)  # a small training set: a noisy model
+    model = CannonModel(labels, flux, ivar, truth.vectorizer)
+    model.train()
+    assert model.theta_cov is not None
+    test_labels = truth.labels(40)
+    clean = truth.flux(test_labels)
+    ivar = np.full_like(clean, 1e4)
+    naive, _, _ = model.test(clean, ivar, model_uncertainty=False)
+    corrected, cov, _ = model.test(clean, ivar, model_uncertainty=True)
+    rms_naive = np.sqrt(np.mean(((naive - test_labels) / model.scales) ** 2, axis=0))
+    rms_corrected = np.sqrt(np.mean(((corrected - test_labels) / model.scales) ** 2, axis=0))
+    assert np.all(rms_corrected < 0.5 * rms_naive), (rms_naive, rms_corrected)
+    # the naive fit is biased towards the training-set centre (labels shrink)
+    spread = lambda x: np.std((x - model.fiducials) / model.scales, axis=0)  # noqa: E731
+    assert np.all(spread(naive) < spread(test_labels))

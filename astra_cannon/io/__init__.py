@@ -18,18 +18,25 @@ from .aspcapstar import read_aspcapstar
 from .base import Spectra
 
 __all__ = ["Spectra", "read_spectra", "read_apstar", "read_aspcapstar", "detect_format",
-           "to_gap_removed", "select_pixels", "count_spectra", "FORMATS"]
+           "to_gap_removed", "select_pixels", "count_spectra", "FORMATS", "ROW_RANGE_FORMATS"]
 
-FORMATS = ("auto", "apstar", "aspcapstar", "example")
+FORMATS = ("auto", "apstar", "aspcapstar", "example", "synthetic")
+# Formats whose reader can make any row range of a file without reading the rest
+# (read_spectra(..., rows=range(start, stop))).
+ROW_RANGE_FORMATS = ("synthetic",)
 
 
 def count_spectra(path, format="example"):
     """Number of spectra in a file without reading the pixels, or ``None`` when unknown.
 
     Pipelines use it to cut files into chunks by rows. Only formats with a cheap count answer
-    (the example layout, from its FLUX header); otherwise, or for a file that cannot be opened,
+    (the example layout, from its FLUX header; synthetic sources, from their JSON); otherwise, or for a file that cannot be opened,
     ``None`` (a chunk then takes the whole file and the reader flags bad files).
     """
+    if format == "synthetic":
+        from .synthetic import count_synthetic  # a JSON file of a few hundred bytes
+
+        return count_synthetic(path)
     if format != "example":
         return None
     try:
@@ -72,6 +79,10 @@ def _read_one(path, fmt, *, rows, pixmask, verify_checksum, file_checksum):
                            file_checksum=file_checksum)
     if fmt == "aspcapstar":
         return read_aspcapstar(path, verify_checksum=verify_checksum, file_checksum=file_checksum)
+    if fmt == "synthetic":
+        from .synthetic import read_synthetic  # generates only the rows asked for
+
+        return read_synthetic(path, rows=None if isinstance(rows, str) else rows)
     try:
         from .example import read_example_spectra  # lazy: another module, optional here
 
@@ -106,9 +117,11 @@ def read_spectra(paths, format="auto", wavelength=None, *, rows="combined", pixm
     paths : str, os.PathLike or iterable of them
         Files to read; the order of the output follows them (several rows per apStar file
         when ``rows`` asks for them).
-    format : {"auto", "apstar", "aspcapstar", "example"}
+    format : {"auto", "apstar", "aspcapstar", "example", "synthetic"}
         ``"auto"`` decides per file (see :func:`detect_format`); ``"example"`` calls
-        :func:`astra_cannon.io.example.read_example_spectra`.
+        :func:`astra_cannon.io.example.read_example_spectra`; ``"synthetic"`` generates
+        spectra from a source file (:mod:`astra_cannon.io.synthetic`), only the rows asked
+        for when ``rows`` is a range or sequence of row numbers.
     wavelength : array_like, optional
         The model's grid. A spectrum with a different pixel count is flagged
         ``BAD_INPUT_SHAPE``; one with the same count but other wavelengths (beyond ``atol``
