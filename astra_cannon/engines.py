@@ -200,7 +200,7 @@ def _inverse_spd(M):
 
 
 def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=None, max_iterations=8,
-                 s2_rtol=1e-3, fixed_s2=None, theta_covariance=True, progress=None):
+                 s2_rtol=1e-3, fixed_s2=None, theta_covariance="auto", progress=None):
     """Fit theta and s2 for every pixel.
 
     Parameters
@@ -220,10 +220,11 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         Stop when no pixel's ``s2`` changes by more than this (relative, or 1e-12 absolute).
     fixed_s2 : ndarray of shape (P,), optional
         Fit theta at this scatter and skip the scatter estimate.
-    theta_covariance : bool
+    theta_covariance : bool or "auto"
         Also return each pixel's packed theta covariance ``(A^T W A)^-1`` (``info["theta_cov"]``,
         shape (P, K (K + 1) / 2)), used to propagate the model's uncertainty at test time.
-        Skipped (None) when it would exceed 256 MB.
+        "auto": only when it takes at most 256 MB (e.g. 40 terms at 8575 pixels; a 17-label
+        quadratic model needs 1 GB, so ask for it explicitly).
     progress : callable, optional
         Called as ``progress(n_pixels_done)`` after each block.
 
@@ -252,7 +253,9 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     theta[:, 0] = 1.0
     Kt = K * (K + 1) // 2
     iu, ju = _upper_indices(K)
-    theta_cov = np.zeros((P, Kt)) if theta_covariance and P * Kt * 8 <= _PAIRS_CACHE_BYTES else None
+    if theta_covariance == "auto":
+        theta_covariance = P * Kt * 8 <= _PAIRS_CACHE_BYTES
+    theta_cov = np.zeros((P, Kt)) if theta_covariance else None
     s2 = np.zeros(P) if fixed_s2 is None else np.array(fixed_s2, dtype=float)
     dead = np.zeros(P, dtype=bool)
     objective = np.full(P, np.nan)

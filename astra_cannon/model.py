@@ -218,7 +218,7 @@ class CannonModel:
 
     # -- training ---------------------------------------------------------------------------
 
-    def train(self, max_iterations=8, progress=None, **kwargs):
+    def train(self, max_iterations=8, theta_covariance="auto", progress=None, **kwargs):
         """Fit theta and the intrinsic scatter s2 at every pixel.
 
         All pixels are solved together (normal equations built with one matrix product per
@@ -229,6 +229,10 @@ class CannonModel:
         ----------
         max_iterations : int, optional
             Alternations between theta and s2.
+        theta_covariance : bool or "auto", optional
+            Keep each pixel's theta covariance so that :meth:`test` can correct for the model's
+            own noise (see ``model_uncertainty``). "auto" keeps it when it takes at most
+            256 MB; a 17-label quadratic model at 8575 pixels needs 1 GB (pass True).
         progress : callable, optional
             ``progress(n_pixels_done)``, e.g. a tqdm ``update``.
 
@@ -246,7 +250,7 @@ class CannonModel:
         theta, s2, info = train_pixels(
             self.design_matrix, self.training_set_flux, self.training_set_ivar,
             regularization=self.regularization, censored_terms=cens if cens.any() else None,
-            max_iterations=max_iterations, progress=progress)
+            max_iterations=max_iterations, theta_covariance=theta_covariance, progress=progress)
         self.theta, self.s2 = theta, s2
         self.theta_cov = info["theta_cov"]
         summary = {
