@@ -23,7 +23,7 @@ import contextlib
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from . import flags as F
 from .fitting import estimate_s2
@@ -44,8 +44,15 @@ def _small_matrix_blas():
     several OpenBLAS threads each call pays a thread hand-off, which was measured 20x slower
     than one thread on a busy 2-core machine. Large products keep every thread.
     """
-    with threadpool_limits(limits=1, user_api="blas"):
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        # Inspecting the loaded BLAS libraries costs ~1 ms: do it once, not per call.
+        _CONTROLLER = ThreadpoolController()
+    with _CONTROLLER.limit(limits=1, user_api="blas"):
         yield
+
+
+_CONTROLLER = None
 
 
 def _upper_indices(K):
@@ -393,9 +400,12 @@ class SpectrumStatistics:
         because the squared model error ``v^T Cov(theta_p) v`` grows away from it; subtracting
         its expectation removes that bias (a corrected score). ``Q`` itself (used for the
         covariance) is unchanged.
+    summaries : bool
+        Also compute the S/N (a median per spectrum) and the mean flux.
     """
 
-    def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None):
+    def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None,
+                 summaries=True):
         P, K = theta.shape
         f = np.array(flux, dtype=np.float64)
         iv = np.array(ivar, dtype=np.float64)
@@ -414,8 +424,9 @@ class SpectrumStatistics:
         w = iv / (1.0 + iv * var)
         self.K = K
         self.n_pixels = P - bad.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.mean_flux = f.sum(axis=1) / self.n_pixels
+        if summaries:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                self.mean_flux = f.sum(axis=1) / self.n_pixels
         wf = w * f
         self.c = wf @ theta
         self.e = np.einsum("sp,sp->s", wf, f)
@@ -436,9 +447,10 @@ class SpectrumStatistics:
             # Keep the correction only where the corrected quadratic form stays positive definite.
             pd = np.linalg.eigvalsh(Qc).min(axis=1) > 0 if K <= 64 else np.ones(len(Qc), dtype=bool)
             self.Qfit = np.where(pd[:, None, None], Qc, self.Q)
-        np.sqrt(w, out=w)
-        w *= f
-        self.snr = _median_of_good(w, bad)
+        if summaries:
+            np.sqrt(w, out=w)
+            w *= f
+            self.snr = _median_of_good(w, bad)
 
     def chi2(self, v, rows):
         """chi2 of label vectors ``v`` (R, K) against spectra ``rows`` (R,)."""
@@ -642,7 +654,8 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
                 # Second pass: add the model's variance at the first optimum to the noise.
                 model_var = _model_variance(vectorizer, xb, theta_cov)
                 stats = SpectrumStatistics(theta, np.asarray(flux[sl])[ok], np.asarray(ivar[sl])[ok], s2,
-                                           theta_pairs=pairs, extra_variance=model_var, theta_cov=theta_cov)
+                                           theta_pairs=pairs, extra_variance=model_var, theta_cov=theta_cov,
+                                           summaries=False)
                 ok_rows = np.arange(ok.size)
                 with _small_matrix_blas():
                     xb, chib, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok_rows,

@@ -86,7 +86,7 @@ def adjusted_ivar(ivar, s2):
     return out
 
 
-def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-10, clean=False):
+def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-8, clean=False):
     """Intrinsic scatter per pixel from residuals, vectorised over pixels.
 
     Solves, for each pixel (column), ``sum_n r_n^2 ivar_n / (1 + ivar_n s2) = n_used - dof``
@@ -131,10 +131,15 @@ def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-10, cl
 
     g0 = np.einsum("np,np->p", r2, iv)
     active = np.flatnonzero(~dead & (g0 > target))
-    # g is convex and decreasing in s2, so Newton's method started left of the root (s2 = 0)
-    # approaches it monotonically from the left and never overshoots.
-    s = np.zeros(active.size)
     r2a, iva, ta = r2[:, active], iv[:, active], target[active]
+    # Start from the DerSimonian-Laird moment estimate (one weighted pass, usually close).
+    # g is convex and decreasing in s2: a Newton step from right of the root lands left of it
+    # (or at 0, where g > 0), and from the left Newton's method rises monotonically to the
+    # root, so the iteration cannot diverge.
+    sw = iva.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.maximum((g0[active] - ta) / (sw - (iva * iva).sum(axis=0) / sw), 0.0)
+    s = np.where(np.isfinite(s), s, 0.0)
     for _ in range(max_iterations):
         if active.size == 0:
             break
@@ -145,7 +150,7 @@ def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-10, cl
         dg = -rw.sum(axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             step = np.where(dg < 0, -g / dg, 0.0)
-        s_new = s + np.maximum(step, 0.0)
+        s_new = np.maximum(s + step, 0.0)
         done = np.abs(s_new - s) <= rtol * np.maximum(s_new, 1e-300)
         s = s_new
         if done.all():
