@@ -406,7 +406,6 @@ class SpectrumStatistics:
 
     def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None,
                  summaries=True):
-        P, K = theta.shape
         f = np.array(flux, dtype=np.float64)
         iv = np.array(ivar, dtype=np.float64)
         with np.errstate(invalid="ignore"):
@@ -418,26 +417,39 @@ class SpectrumStatistics:
             bad |= dead[None, :]
         np.copyto(f, 0.0, where=bad)
         np.copyto(iv, 0.0, where=bad)
-        var = np.where(dead, 0.0, s2)
-        if extra_variance is not None:
-            var = var + np.where(bad, 0.0, extra_variance)
-        w = iv / (1.0 + iv * var)
-        self.K = K
-        self.n_pixels = P - bad.sum(axis=1)
+        self._theta, self._pairs = theta, theta_pairs
+        self._f, self._iv, self._var = f, iv, np.where(dead, 0.0, s2)
+        self.K = theta.shape[1]
+        self.n_pixels = f.shape[1] - bad.sum(axis=1)
+        w = self._weights(extra_variance)
+        self._build(w, theta_cov)
         if summaries:
             with np.errstate(invalid="ignore", divide="ignore"):
                 self.mean_flux = f.sum(axis=1) / self.n_pixels
+            np.sqrt(w, out=w)
+            w *= f
+            self.snr = _median_of_good(w, bad)
+
+    def _weights(self, extra_variance=None):
+        iv = self._iv
+        # Bad pixels have iv == 0, so their weight is 0 whatever the variance added.
+        var = self._var if extra_variance is None else self._var + extra_variance
+        return iv / (1.0 + iv * var)
+
+    def _build(self, w, theta_cov):
+        theta, K = self._theta, self.K
+        f = self._f
         wf = w * f
         self.c = wf @ theta
         self.e = np.einsum("sp,sp->s", wf, f)
-        Kt = K * (K + 1) // 2
-        if theta_pairs is not None:
-            Qf = w @ theta_pairs
+        if self._pairs is not None:
+            Qf = w @ self._pairs
         else:
             # Pixel blocks keep the Khatri-Rao table of theta within the memory budget.
+            Kt = K * (K + 1) // 2
             block = max(1, int(_BLOCK_BYTES // (8 * Kt)))
             Qf = np.zeros((f.shape[0], Kt))
-            for start in range(0, P, block):
+            for start in range(0, theta.shape[0], block):
                 sl = slice(start, start + block)
                 Qf += w[:, sl] @ khatri_rao_upper(theta[sl])
         self.Q = unpack_symmetric(Qf, K)
@@ -447,10 +459,18 @@ class SpectrumStatistics:
             # Keep the correction only where the corrected quadratic form stays positive definite.
             pd = np.linalg.eigvalsh(Qc).min(axis=1) > 0 if K <= 64 else np.ones(len(Qc), dtype=bool)
             self.Qfit = np.where(pd[:, None, None], Qc, self.Q)
-        if summaries:
-            np.sqrt(w, out=w)
-            w *= f
-            self.snr = _median_of_good(w, bad)
+
+    def refined(self, rows, extra_variance, theta_cov=None):
+        """Statistics of spectra ``rows`` with ``extra_variance`` (len(rows), P) added to the noise.
+
+        Reuses the masked flux and inverse variance of this batch; no summaries.
+        """
+        new = object.__new__(type(self))
+        new._theta, new._pairs, new._var, new.K = self._theta, self._pairs, self._var, self.K
+        new._f, new._iv = self._f[rows], self._iv[rows]
+        new.n_pixels = self.n_pixels[rows]
+        new._build(new._weights(extra_variance), theta_cov)
+        return new
 
     def chi2(self, v, rows):
         """chi2 of label vectors ``v`` (R, K) against spectra ``rows`` (R,)."""
@@ -653,9 +673,7 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             if theta_cov is not None:
                 # Second pass: add the model's variance at the first optimum to the noise.
                 model_var = _model_variance(vectorizer, xb, theta_cov)
-                stats = SpectrumStatistics(theta, np.asarray(flux[sl])[ok], np.asarray(ivar[sl])[ok], s2,
-                                           theta_pairs=pairs, extra_variance=model_var, theta_cov=theta_cov,
-                                           summaries=False)
+                stats = stats.refined(ok, model_var, theta_cov=theta_cov)
                 ok_rows = np.arange(ok.size)
                 with _small_matrix_blas():
                     xb, chib, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok_rows,
