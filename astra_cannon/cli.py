@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import urllib.parse
+import warnings
 
 __all__ = ["main", "build_parser"]
 
@@ -27,6 +28,13 @@ examples:
   astra-cannon run --workers 2                  # two worker processes
   astra-cannon run --scheduler-url http://127.0.0.1:8082   # use a running luigid
   astra-cannon infer --training-set train.fits --spectra spectra/*.fits --labels TEFF,LOGG,FE_H
+  astra-cannon infer --format apstar --spectra apStar-*.fits    # raw apStar files, example model
+  astra-cannon train --label-table allStar.fits --training-spectra apStar-*.fits \
+      --labels TEFF,LOGG,FE_H --cut SNR:100: --cut LOGG::3.9      # survey training set
+  astra-cannon validate --folds 5                # k-fold cross-validation, one-to-one PNG
+  astra-cannon choose-regularization --grid 0,10,100,1000
+  astra-cannon plot model                        # theta and s2 against wavelength (PNG)
+  astra-cannon plot residuals SPECTRUM_ID        # a spectrum, its model and the residuals
   astra-cannon status                           # task runs, failures and their reasons
   astra-cannon rerun-failed                     # re-fit failed spectra and failed chunks
   astra-cannon export -o results.fits           # results as a FITS table
@@ -95,6 +103,18 @@ def _job_options(parser):
     g.add_argument("--n-test", type=int, default=3000, help="example spectra (default: %(default)s)")
     g.add_argument("--n-files", type=int, default=6, help="example spectra files (default: %(default)s)")
     g.add_argument("--seed", type=int, default=2026, help="example random seed (default: %(default)s)")
+    t = parser.add_argument_group("training set from survey files (instead of --training-set)")
+    t.add_argument("--label-table", metavar="PATH",
+                   help="label table (FITS, ECSV or CSV; -9999 etc. are missing values); needs --labels")
+    t.add_argument("--training-spectra", metavar="PATH", nargs="+",
+                   help="apStar/aspcapStar files of the training stars (matched by OBJID / --id-column)")
+    t.add_argument("--training-format", default="auto", choices=("auto", "apstar", "aspcapstar"),
+                   help="format of --training-spectra (default: %(default)s)")
+    t.add_argument("--id-column", default="APOGEE_ID", help="star identifier column (default: %(default)s)")
+    t.add_argument("--cut", metavar="COLUMN:MIN:MAX", action="append", default=[],
+                   help="quality cut, repeatable; either bound may be empty, e.g. SNR:100: or LOGG::3.9")
+    t.add_argument("--training-grid", type=int, default=7214, choices=(7214, 7514),
+                   help="gap-removed grid for apStar training spectra (default: %(default)s)")
 
 
 def _run_options(parser):
@@ -136,6 +156,39 @@ def build_parser() -> argparse.ArgumentParser:
     _job_options(p)
     _run_options(p)
 
+    p = sub.add_parser("validate", help="k-fold cross-validation of the job's model",
+                       description="Cross-validate the job's model (labels, order, Lambda) on its "
+                                   "training set: print per-label bias and scatter, write a one-to-one "
+                                   "PNG and store a validation_run row. A repeated run prints the stored "
+                                   "result.")
+    _job_options(p)
+    _run_options(p)
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold assignment (default: %(default)s)")
+
+    p = sub.add_parser("choose-regularization", help="choose the L1 strength Lambda on held-out stars",
+                       description="Train one model per Lambda on part of the training set and score "
+                                   "each on the held-out stars; print the table, warn when the best "
+                                   "Lambda is at the edge of the grid, store a validation_run row.")
+    _job_options(p)
+    _run_options(p)
+    p.add_argument("--grid", default="0,10,100,1000", help="comma-separated Lambda values (default: %(default)s)")
+    p.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="fraction of stars held out (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+
+    p = sub.add_parser("plot", help="figures as PNG files: model coefficients, spectrum residuals")
+    plotsub = p.add_subparsers(dest="plot_command", metavar="FIGURE")
+    plotsub.required = True
+    q = plotsub.add_parser("model", help="theta and s2 against wavelength")
+    q.add_argument("--model", default=None, help="model primary key or name (default: newest)")
+    q.add_argument("-o", "--output", default=None, help="PNG file (default: <model file>.theta.png)")
+    q = plotsub.add_parser("residuals", help="a labelled spectrum, its model and the residuals")
+    q.add_argument("spectrum", help="spectrum identifier (as in cannon_result_view.identifier)")
+    q.add_argument("--model", default=None, help="model primary key or name (default: newest)")
+    q.add_argument("--format", default="auto", choices=_formats(), help="file format (default: %(default)s)")
+    q.add_argument("-o", "--output", default=None, help="PNG file (default: <work dir>/plots/...)")
+
     p = sub.add_parser("status", help="task runs, failed task runs and failed spectra")
     p.add_argument("--model", default=None, help="model primary key (default: all models)")
     p.add_argument("--limit", type=int, default=20, help="failures listed (default: %(default)s)")
@@ -172,15 +225,75 @@ def _job(args):
         options["code_version"] = args.code_version
     if args.labels:
         options["label_names"] = pipeline.normalise_label_names(args.labels)
-    if args.training_set:
-        if not args.spectra and args.command != "train":
-            raise ValueError("--spectra is required with --training-set")
-        return pipeline.Job(training_set=args.training_set, spectra=tuple(args.spectra or ()),
+    needs_spectra = args.command not in ("train", "validate", "choose-regularization")
+    training_set = args.training_set
+    if args.label_table or args.training_spectra:
+        training_set = _assemble_training_set(args)
+    if training_set:
+        if not args.spectra and needs_spectra:
+            raise ValueError("--spectra is required with --training-set or --label-table")
+        return pipeline.Job(training_set=training_set, spectra=tuple(args.spectra or ()),
                             format=args.format, **options)
+    example = pipeline.example_job(args.example_dir, n_train=args.n_train, n_test=args.n_test,
+                                   n_files=args.n_files, seed=args.seed, **options)
     if args.spectra:
-        raise ValueError("--training-set is required with --spectra")
-    return pipeline.example_job(args.example_dir, n_train=args.n_train, n_test=args.n_test,
-                                n_files=args.n_files, seed=args.seed, **options)
+        if not any(os.path.exists(p) for p in args.spectra):
+            raise ValueError(f"none of the --spectra files exists ({args.spectra[0]!r}, ...); "
+                             "give --training-set too to label them with your own model")
+        # Your spectra, labelled with the bundled example's model (7214-pixel grid).
+        example = pipeline.Job(training_set=example.training_set, spectra=tuple(args.spectra),
+                               format=args.format, **dict(options, label_names=example.label_names))
+    return example
+
+
+def _assemble_training_set(args):
+    """--label-table + --training-spectra -> an assembled training-set file (printed)."""
+    from . import workflow
+
+    if args.training_set:
+        raise ValueError("give either --training-set or --label-table/--training-spectra, not both")
+    if not (args.label_table and args.training_spectra):
+        raise ValueError("--label-table and --training-spectra go together")
+    if not args.labels:
+        raise ValueError("--labels is required with --label-table (e.g. --labels TEFF,LOGG,FE_H)")
+    cuts = workflow.parse_cuts(args.cut)
+    show = not args.quiet and sys.stderr.isatty()
+    path, ts = workflow.assemble_training_file(
+        args.label_table, args.training_spectra, pipeline_labels(args.labels), format=args.training_format,
+        id_column=args.id_column, cuts=cuts, n_pixels=args.training_grid, show_progress=show)
+    dropped = ", ".join(f"{k} {v['count']}" for k, v in ts.dropped.items() if v["count"])
+    _say(f"training set: {len(ts)} of {ts.n_input} stars kept ({dropped or 'none dropped'}) -> {path}",
+         args.quiet)
+    for warning in ts.warnings:
+        _say(f"  warning: {warning}", args.quiet)
+    return str(path)
+
+
+def pipeline_labels(text):
+    from . import pipeline
+
+    return list(pipeline.normalise_label_names(text))
+
+
+class _ChunkProgress:
+    """A tqdm bar over InferChunk tasks, fed by Luigi events in this process (workers = 1)."""
+
+    bar = None
+    _installed = False
+
+    @classmethod
+    def install(cls, tasks):
+        if cls._installed:
+            return
+        import luigi
+
+        def advance(task, *args):
+            if cls.bar is not None:
+                cls.bar.update(1)
+
+        tasks.InferChunk.event_handler(luigi.Event.SUCCESS)(advance)
+        tasks.InferChunk.event_handler(luigi.Event.FAILURE)(advance)
+        cls._installed = True
 
 
 def _cmd_pipeline(args):
@@ -193,22 +306,37 @@ def _cmd_pipeline(args):
     db.connect(url, migrate=True)  # schema up to date before any worker starts
     db.close()
     kind = "train" if args.command == "train" else "infer"
+    # A progress bar over chunks when a person watches and the chunks run in this process;
+    # otherwise (quiet, a log file, worker processes) one line per chunk.
+    bar_wanted = (kind == "infer" and not args.quiet and sys.stderr.isatty() and args.workers == 1)
     roots = tasks.job_tasks(job, kind=kind, rerun_failed=args.command == "rerun-failed",
-                            progress=not args.quiet, tag=args.tag)
+                            progress=not args.quiet and not bar_wanted, tag=args.tag)
     root = roots[0]
+    n_to_run = 0
     if kind == "infer":
         chunk_tasks = root.requires()
         with pipeline.connected(url):
             done = store.completed_task_ids([t.task_id for t in chunk_tasks])
         n_spectra = sum(s.size() for t in chunk_tasks for s in t._segments)
         reruns = sum(1 for t in chunk_tasks if t.rerun_failed)
+        n_to_run = len(chunk_tasks) - len(done)
         _say(f"{len(job.spectra)} files, ~{n_spectra} spectra in {len(chunk_tasks)} chunks of up to "
-             f"{job.chunk_size}: {len(done)} complete, {len(chunk_tasks) - len(done)} to run"
+             f"{job.chunk_size}: {len(done)} complete, {n_to_run} to run"
              + (f" ({reruns} with failed spectra to re-fit)" if reruns else ""), args.quiet)
     _say(f"database: {_public_url(url)}; workers: {args.workers}; scheduler: "
          f"{args.scheduler_url or 'local'}", args.quiet)
-    result = tasks.build(roots, workers=args.workers, scheduler_url=args.scheduler_url,
-                         log_level=args.log_level)
+    from . import workflow
+
+    if bar_wanted and n_to_run:
+        _ChunkProgress.install(tasks)
+        _ChunkProgress.bar = workflow.progress_bar(n_to_run, "labelling", True, unit="chunk")
+    try:
+        result = tasks.build(roots, workers=args.workers, scheduler_url=args.scheduler_url,
+                             log_level=args.log_level)
+    finally:
+        if _ChunkProgress.bar is not None:
+            _ChunkProgress.bar.close()
+            _ChunkProgress.bar = None
     code = tasks.exit_code(result)
     elapsed = time.perf_counter() - t0
 
@@ -239,6 +367,71 @@ def _cmd_pipeline(args):
             print(f"read them:  {query}")
         print("or export:  astra-cannon export -o results.fits")
     return code
+
+
+def _cmd_validation(args):
+    """``validate`` and ``choose-regularization``: one Luigi task, then the stored row."""
+    from . import config, db, pipeline, workflow
+
+    tasks = _tasks_module()
+    t0 = time.perf_counter()
+    job = _job(args)
+    url = config.database_url()
+    db.connect(url, migrate=True)
+    db.close()
+    if args.command == "validate":
+        kind, store_kind = "validate", "cross_validation"
+        roots = tasks.job_tasks(job, kind=kind, progress=not args.quiet, tag=args.tag,
+                                n_folds=args.folds, seed=args.split_seed)
+        what = f"{args.folds}-fold cross-validation"
+    else:
+        try:
+            grid = [float(v) for v in args.grid.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--grid must be comma-separated numbers, got {args.grid!r}") from None
+        kind, store_kind = "regularization", "regularization"
+        roots = tasks.job_tasks(job, kind=kind, progress=not args.quiet, tag=args.tag, grid=grid,
+                                seed=args.split_seed, validation_fraction=args.validation_fraction)
+        what = f"regularisation choice over Lambda = {', '.join(f'{g:g}' for g in sorted(set(grid)))}"
+    root = roots[0]
+    with pipeline.connected(url):
+        stored = workflow.find_validation_run(store_kind, root.parameters())
+    if stored is None or not root.complete():
+        _say(f"{what} on {job.training_set} (labels {', '.join(job.resolved_label_names())}, "
+             f"order {job.order}); this trains several models", args.quiet)
+    result = tasks.build(roots, workers=1, scheduler_url=args.scheduler_url, log_level=args.log_level)
+    code = tasks.exit_code(result)
+    with pipeline.connected(url):
+        row = workflow.find_validation_run(store_kind, root.parameters())
+        failures = pipeline.status_report(limit=5)["failed_task_runs"]
+    if code != 0 or row is None:
+        print(f"FAILED after {time.perf_counter() - t0:.1f} s (exit code {code or 1})")
+        for f in failures:
+            if f["task_id"] == root.task_id:
+                print(f"  {f['error_type']}: {(f['error_message'] or '').strip()[:300]}")
+                break
+        return code or 1
+    text = (workflow.format_cross_validation(row) if store_kind == "cross_validation"
+            else workflow.format_regularization(row))
+    print(text)
+    if row.get("at_grid_edge"):
+        print("astra-cannon: warning: the best Lambda is at the edge of the grid; extend the grid",
+              file=sys.stderr)
+    print(f"stored as validation_run {row['id']} in {_public_url(url)} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_plot(args):
+    from . import export, pipeline, workflow
+
+    with pipeline.connected(migrate=True):
+        model = export._model_row(args.model)
+        if args.plot_command == "model":
+            path = workflow.plot_model(model, args.output)
+        else:
+            path = workflow.plot_residuals(model, args.spectrum, args.output, format=args.format)
+    print(f"wrote {path}")
+    return 0
 
 
 def _cmd_status(args):
@@ -290,7 +483,9 @@ def _cmd_flags(args):
 
 
 COMMANDS = {"run": _cmd_pipeline, "infer": _cmd_pipeline, "train": _cmd_pipeline,
-            "rerun-failed": _cmd_pipeline, "status": _cmd_status, "export": _cmd_export,
+            "rerun-failed": _cmd_pipeline, "validate": _cmd_validation,
+            "choose-regularization": _cmd_validation, "plot": _cmd_plot,
+            "status": _cmd_status, "export": _cmd_export,
             "db": _cmd_db, "flags": _cmd_flags}
 
 
@@ -302,6 +497,9 @@ def main(argv=None) -> int:
     argv : list of str, optional
         Arguments (default ``sys.argv[1:]``).
     """
+    # Luigi warns on import that a default will change (autoload_range); it concerns Luigi's
+    # own range tools, which astra-cannon does not use, so keep operators' output clean.
+    warnings.filterwarnings("ignore", message=r"\s*Autoloading range tasks", category=DeprecationWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     # Environment, so that Luigi worker processes and the config module see the same values.

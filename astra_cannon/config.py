@@ -18,6 +18,7 @@ Known options:
 from __future__ import annotations
 
 import os
+import warnings
 import pathlib
 
 ENV_PREFIX = "ASTRA_CANNON_"
@@ -26,8 +27,11 @@ _MISSING = object()
 
 
 def _luigi_config():
-    # Imported lazily so that numerics users never pay for Luigi.
-    from luigi.configuration import get_config
+    # Imported lazily so that numerics users never pay for Luigi. Luigi warns on import that
+    # its range-task autoloading default will change; astra_cannon does not use range tasks.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*Autoloading range tasks", category=DeprecationWarning)
+        from luigi.configuration import get_config
 
     return get_config()
 

@@ -472,9 +472,14 @@ class SpectrumStatistics:
         new._build(new._weights(extra_variance), theta_cov)
         return new
 
-    def chi2(self, v, rows):
-        """chi2 of label vectors ``v`` (R, K) against spectra ``rows`` (R,)."""
-        Qv = (self.Qfit[rows] @ v[:, :, None])[:, :, 0]
+    def chi2(self, v, rows, corrected=True):
+        """chi2 of label vectors ``v`` (R, K) against spectra ``rows`` (R,).
+
+        ``corrected``: the fit objective (with the model-noise correction when there is one);
+        otherwise the plain chi2 that is reported.
+        """
+        Q = self.Qfit if corrected else self.Q
+        Qv = (Q[rows] @ v[:, :, None])[:, :, 0]
         return np.einsum("ri,ri->r", v, Qv) - 2 * np.einsum("ri,ri->r", v, self.c[rows]) + self.e[rows]
 
     def chi2_grid(self, V):
@@ -679,6 +684,8 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
                     xb, chib, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok_rows,
                                                                   max_iterations=max_iterations)
                 nfev_total = nfev_total + nfev2
+                # Report the plain chi2 (noise + model variance), not the corrected objective.
+                chib = stats.chi2(vectorizer._vector_rows(xb), ok_rows, corrected=False)
             else:
                 ok_rows = ok
             with _small_matrix_blas():

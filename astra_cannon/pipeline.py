@@ -61,6 +61,7 @@ __all__ = [
     "model_plot_path",
     "infer_chunk",
     "rchi2_threshold",
+    "flag_large_rchi2",
     "rerun_tokens",
     "status_report",
     "format_status",
@@ -532,15 +533,27 @@ def _source_rows(spectra):
     return rows
 
 
-def fit_spectra(model, spectra, rchi2_threshold=None):
+def flag_large_rchi2(meta, threshold):
+    """Set ``LARGE_RCHI2`` (a warning bit: labels are kept) in the metadata of every successful
+    fit whose reduced chi2 exceeds ``threshold`` (``None``: do nothing). Modifies ``meta``."""
+    if threshold is None:
+        return meta
+    for m in meta:
+        if not m or m.get("status") == "failed":
+            continue
+        rchi2 = m.get("r_chi_sq")
+        if rchi2 is not None and np.isfinite(rchi2) and rchi2 > threshold:
+            m["flags"] = int(m.get("flags") or 0) | F.LARGE_RCHI2
+    return meta
+
+
+def fit_spectra(model, spectra):
     """Fit every usable spectrum of a batch; reader-flagged failures are not fitted.
 
     Parameters
     ----------
     model : CannonModel
     spectra : Spectra
-    rchi2_threshold : float, optional
-        Fits with a reduced chi2 above this get ``LARGE_RCHI2`` (a warning bit: labels kept).
 
     Returns
     -------
@@ -563,10 +576,6 @@ def fit_spectra(model, spectra, rchi2_threshold=None):
         for k, i in enumerate(idx):
             m = dict(mt[k])
             m["flags"] = int(m.get("flags") or 0) | int(reader_flags[i])
-            rchi2 = m.get("r_chi_sq")
-            if rchi2_threshold is not None and rchi2 is not None and np.isfinite(rchi2) \
-                    and rchi2 > rchi2_threshold and m.get("status") != "failed":
-                m["flags"] |= F.LARGE_RCHI2
             extra = spectra.meta[i] if spectra.meta and spectra.meta[i] else {}
             if extra.get("continuum"):
                 m["continuum"] = extra["continuum"]
@@ -636,7 +645,8 @@ def infer_chunk(*, model, model_pk, segments, format, task_run, rerun_failed=Fal
         spectra = normalise_for_model(model, spectra)
     if len(pks):
         report(f"fitting {len(pks)} spectra ({n_total - len(pks)} already done)", 30)
-        labels, cov, meta, reasons = fit_spectra(model, spectra, rchi2_threshold=rchi2_threshold())
+        labels, cov, meta, reasons = fit_spectra(model, spectra)
+        flag_large_rchi2(meta, rchi2_threshold())
     else:
         L = len(model.label_names)
         labels, cov, meta, reasons = np.zeros((0, L)), None, [], []

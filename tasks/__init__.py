@@ -18,6 +18,7 @@ from .cannon import (
     TrainModel,
     clear_completion_cache,
 )
+from .validation import ChooseRegularization, CrossValidate
 from .runner import build, exit_code, job_tasks
 
 install_luigi_defaults()
@@ -27,6 +28,8 @@ __all__ = [
     "TrainModel",
     "InferChunk",
     "InferAll",
+    "CrossValidate",
+    "ChooseRegularization",
     "LabelNamesParameter",
     "clear_completion_cache",
     "install_luigi_defaults",

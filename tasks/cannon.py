@@ -115,6 +115,23 @@ class _ModelParameters:
         # Every parameter (significant or not) as given, e.g. hostile tags stored verbatim.
         return dict(self.to_str_params(only_significant=False, only_public=True))
 
+    def _reporter(self):
+        """``report(message, percent)`` -> Luigi's status message and progress percentage.
+
+        Both are set by the Luigi worker just before ``run()`` (``None`` when a task is run by
+        hand); a scheduler that cannot be told never fails the task.
+        """
+        def report(message, percent):
+            for setter, value in ((self.set_status_message, str(message)),
+                                  (self.set_progress_percentage, int(max(0, min(100, percent))))):
+                if callable(setter):
+                    try:
+                        setter(value)
+                    except Exception:  # noqa: BLE001 - progress display only
+                        pass
+
+        return report
+
     def _run_recorded(self, work):
         """Run ``work(task_run)`` between begin/finish_task_run, recording any failure."""
         with pipeline.connected():
@@ -163,7 +180,8 @@ class TrainModel(_ModelParameters, luigi.Task):
             if self.progress:
                 _say(f"training {self.identity()['label_names']} (order {self.order}) on {self.training_set}")
             _, row, summary = pipeline.train_and_register(training_set=self.training_set,
-                                                          identity=self.identity(), path=self.model_path())
+                                                          identity=self.identity(), path=self.model_path(),
+                                                          report=self._reporter())
             store.finish_task_run(task_run, status="done", summary=summary)
             if self.progress:
                 _say(f"trained model {row.name} ({summary['n_stars']} stars, {summary['n_pixels']} pixels) "
@@ -220,9 +238,11 @@ class InferChunk(_ModelParameters, luigi.Task):
             if pipeline.file_sha256(row.path) != row.file_checksum:
                 raise ModelFileError(f"{row.path} differs from the registered model file (checksum)")
             progress = (lambda text: _say(f"{label}: {text}")) if self.progress else None
+            report = self._reporter()
             return pipeline.infer_chunk(model=model, model_pk=row.id, segments=self._segments,
                                         format=self.format, task_run=task_run,
-                                        rerun_failed=self.rerun_failed, progress=progress)
+                                        rerun_failed=self.rerun_failed, progress=progress,
+                                        report=lambda message, percent: report(f"{label}: {message}", percent))
 
         self._run_recorded(work)
 

@@ -9,24 +9,33 @@ from luigi.task_register import Register
 from astra_cannon import db
 
 from .cannon import InferAll, TrainModel, clear_completion_cache
+from .validation import ChooseRegularization, CrossValidate
 
 __all__ = ["job_tasks", "build", "exit_code"]
 
 
-def job_tasks(job, kind="infer", rerun_failed=False, progress=False, tag=""):
+def job_tasks(job, kind="infer", rerun_failed=False, progress=False, tag="", n_folds=5, seed=0, grid=None,
+              validation_fraction=0.2):
     """Return the root tasks for a :class:`astra_cannon.pipeline.Job`.
 
     Parameters
     ----------
     job : Job
-    kind : {"infer", "train"}
-        ``"infer"``: :class:`InferAll` (trains first when needed); ``"train"``: :class:`TrainModel`.
+    kind : {"infer", "train", "validate", "regularization"}
+        ``"infer"``: :class:`InferAll` (trains first when needed); ``"train"``: :class:`TrainModel`;
+        ``"validate"``: :class:`CrossValidate`; ``"regularization"``: :class:`ChooseRegularization`.
     rerun_failed : bool
         Re-fit spectra whose results are failures.
     progress : bool
         Tasks print one line per chunk.
     tag : str
         Free text stored with every task run.
+    n_folds, seed : int
+        Cross-validation folds; seed of the fold / validation split.
+    grid : sequence of float
+        Lambda values for ``"regularization"``.
+    validation_fraction : float
+        Held-out fraction for ``"regularization"``.
 
     Returns
     -------
@@ -39,8 +48,15 @@ def job_tasks(job, kind="infer", rerun_failed=False, progress=False, tag=""):
     params = dict(job.task_parameters(), progress=bool(progress), tag=str(tag))
     if kind == "train":
         return [TrainModel(**params)]
+    if kind == "validate":
+        return [CrossValidate(n_folds=int(n_folds), seed=int(seed), **params)]
+    if kind == "regularization":
+        if grid is None:
+            raise ValueError("a regularisation grid is needed")
+        return [ChooseRegularization(grid=[float(g) for g in grid], seed=int(seed),
+                                     validation_fraction=float(validation_fraction), **params)]
     if kind != "infer":
-        raise ValueError(f"kind must be 'infer' or 'train', got {kind!r}")
+        raise ValueError(f"kind must be 'infer', 'train', 'validate' or 'regularization', got {kind!r}")
     return [InferAll(spectra=list(job.spectra), format=job.format, chunk_size=int(job.chunk_size),
                      rerun_failed=bool(rerun_failed), **params)]
 

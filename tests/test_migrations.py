@@ -9,7 +9,7 @@ from astra_cannon import store
 from astra_cannon.models import ALL_MODELS, CannonResult
 from fixtures_db import FakeModel, fake_chunk, spectrum_sources
 
-HEAD = ["0001_initial", "0002_result_status_index"]
+HEAD = ["0001_initial", "0002_result_status_index", "0003_validation_run"]
 LABELS = ("TEFF", "LOGG", "FE_H")
 
 
@@ -39,7 +39,7 @@ def test_upgrade_from_0001_keeps_rows(db_url):
                       cov=cov, meta=meta)
     before = database.execute_sql("SELECT spectrum_id, teff, flags FROM cannon_result ORDER BY spectrum_id").fetchall()
 
-    assert adb.migrate(database) == ["0002_result_status_index"]
+    assert adb.migrate(database) == ["0002_result_status_index", "0003_validation_run"]
     after = database.execute_sql("SELECT spectrum_id, teff, flags FROM cannon_result ORDER BY spectrum_id").fetchall()
     assert after == before and len(after) == 20
     assert "cannon_result_model_id_status" in {i.name for i in database.get_indexes("cannon_result")}
@@ -48,8 +48,8 @@ def test_upgrade_from_0001_keeps_rows(db_url):
 
 
 def test_down_and_up_round_trip(db):
-    assert adb.downgrade(db) == ["0002_result_status_index"]
-    assert adb.downgrade(db, target="0001_initial") == ["0001_initial"]
+    assert adb.downgrade(db) == ["0003_validation_run"]
+    assert adb.downgrade(db, target="0001_initial") == ["0002_result_status_index", "0001_initial"]
     assert not {"cannon_result", "spectrum", "task_run", "cannon_model"} & set(db.get_tables())
     assert adb.migrate(db) == HEAD
     assert not diff_models(db, list(ALL_MODELS))
