@@ -467,6 +467,8 @@ class SpectrumStatistics:
         """
         new = object.__new__(type(self))
         new._theta, new._pairs, new._var, new.K = self._theta, self._pairs, self._var, self.K
+        if len(rows) == len(self._f):
+            rows = slice(None)  # every spectrum: views, not copies
         new._f, new._iv = self._f[rows], self._iv[rows]
         new.n_pixels = self.n_pixels[rows]
         new._build(new._weights(extra_variance), theta_cov)
