@@ -30,8 +30,9 @@ def count_spectra(path, format="example"):
     """Number of spectra in a file without reading the pixels, or ``None`` when unknown.
 
     Pipelines use it to cut files into chunks by rows. Only formats with a cheap count answer
-    (the example layout, from its FLUX header; synthetic sources, from their JSON); otherwise, or for a file that cannot be opened,
-    ``None`` (a chunk then takes the whole file and the reader flags bad files).
+    (the example layout, from its FLUX header; synthetic sources, from their JSON); otherwise,
+    or for a file that cannot be opened, ``None`` (a chunk then takes the whole file and the
+    reader flags bad files).
     """
     if format == "synthetic":
         from .synthetic import count_synthetic  # a JSON file of a few hundred bytes
