@@ -303,7 +303,16 @@ def _cmd_pipeline(args):
     t0 = time.perf_counter()
     job = _job(args)
     url = config.database_url()
-    db.connect(url, migrate=True)  # schema up to date before any worker starts
+    try:
+        db.connect(url, migrate=True)  # schema up to date before any worker starts
+    except Exception as exc:  # noqa: BLE001 - peewee/driver OperationalError and friends
+        # Nothing can be scheduled without the database: the scheduling-error code, as Luigi
+        # itself returns when complete() cannot reach it.
+        from luigi.retcodes import retcode
+
+        print(f"astra-cannon: cannot reach the database {_public_url(url)}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return int(retcode().scheduling_error) or 35
     db.close()
     kind = "train" if args.command == "train" else "infer"
     # A progress bar over chunks when a person watches and the chunks run in this process;
@@ -337,7 +346,7 @@ def _cmd_pipeline(args):
         if _ChunkProgress.bar is not None:
             _ChunkProgress.bar.close()
             _ChunkProgress.bar = None
-    code = tasks.exit_code(result)
+    code = tasks.exit_code(result, roots)
     elapsed = time.perf_counter() - t0
 
     identity = root.identity()

@@ -438,13 +438,18 @@ def read_chunk(segments, format, wavelength):
     -------
     Spectra
     """
-    from .io import read_spectra
+    from .io import ROW_RANGE_FORMATS, read_spectra
     from .io.base import Spectra
 
     batches = []
     for seg in segments:
         # select_model_pixels: an 8575-pixel apStar file feeds a model on a gap-removed grid by
         # index selection (never resampling); other grids are flagged by the reader.
+        if format in ROW_RANGE_FORMATS and seg.stop is not None:
+            # the reader makes just the segment's rows
+            batches.append(read_spectra([seg.path], format=format, wavelength=wavelength,
+                                        select_model_pixels=True, rows=range(seg.start, seg.stop)))
+            continue
         batch = read_spectra([seg.path], format=format, wavelength=wavelength, select_model_pixels=True)
         n = len(batch)
         start = min(seg.start, n)

@@ -256,6 +256,7 @@ def begin_task_run(*, task_family, task_id, parameters, code_version=None) -> Ta
     -------
     TaskRun
     """
+    host = socket.gethostname()
     row = TaskRun(
         task_family=str(task_family),
         task_id=str(task_id),
@@ -263,13 +264,40 @@ def begin_task_run(*, task_family, task_id, parameters, code_version=None) -> Ta
         parameters_hash=parameters_hash(parameters),
         code_version=str(code_version or __version__),
         status="running",
-        host=socket.gethostname(),
+        host=host,
         pid=os.getpid(),
         started=_now(),
     )
     with db.atomic_write():
+        _close_dead_attempts(str(task_id), host)
         row.save(force_insert=True)
     return row
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, TypeError, ValueError):
+        return True  # exists but not ours, or unknown: do not guess
+    return True
+
+
+def _close_dead_attempts(task_id, host):
+    """Mark earlier ``running`` attempts of this task on this host whose process is gone.
+
+    A SIGKILL (or a power cut) fires no handler, so such a row would say ``running`` forever.
+    Only this host's processes can be checked; other hosts' rows are left alone.
+    """
+    stale = [r.id for r in TaskRun.select(TaskRun.id, TaskRun.pid).where(
+        (TaskRun.task_id == task_id) & (TaskRun.status == "running") & (TaskRun.host == host))
+        if r.pid != os.getpid() and not _pid_alive(r.pid)]
+    if stale:
+        TaskRun.update({TaskRun.status: "failed", TaskRun.error_type: "Killed",
+                        TaskRun.error_message: "the process ended without finishing (killed or crashed); "
+                                               "closed by a later attempt",
+                        TaskRun.finished: _now()}).where(TaskRun.id.in_(stale)).execute()
 
 
 def _finish_values(task_run, status, summary):

@@ -87,15 +87,24 @@ def build(tasks, workers=1, scheduler_url=None, log_level="WARNING"):
         options.update(local_scheduler=False, scheduler_url=scheduler_url)
     else:
         options.update(local_scheduler=True)
-    return luigi.build(list(tasks), **options)
+    if int(workers) <= 1:
+        return luigi.build(list(tasks), **options)
+    # Worker processes are forked from here and inherit the BLAS thread setting: one thread
+    # each, so N workers on N cores do not oversubscribe them with N x BLAS threads.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return luigi.build(list(tasks), **options)
 
 
-def exit_code(result) -> int:
+def exit_code(result, roots=None) -> int:
     """Process exit code for a Luigi run, from the ``[retcode]`` configuration.
 
     0 for success (also after retries); otherwise ``task_failed`` (30 by default),
     ``scheduling_error`` (35: e.g. the database was unreachable from ``complete()``),
-    ``missing_data`` (20), ``not_run`` (25).
+    ``missing_data`` (20), ``not_run`` (25). With ``roots``, a "not run" outcome whose roots
+    are all complete is success: with several hosts on one ``luigid``, another host may have
+    run this host's tasks.
     """
     from luigi.retcodes import retcode
 
@@ -103,6 +112,13 @@ def exit_code(result) -> int:
     status = result.status
     if status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY):
         return 0
+    if status == LuigiStatusCode.NOT_RUN and roots:
+        db.close()
+        try:
+            if all(task.complete() for task in roots):
+                return 0
+        finally:
+            db.close()
     mapping = {
         LuigiStatusCode.FAILED: codes.task_failed,
         LuigiStatusCode.FAILED_AND_SCHEDULING_FAILED: max(codes.task_failed, codes.scheduling_error),

@@ -69,8 +69,7 @@ def bad_inputs(trained_job, example_dir, tmp_path):
     (d / "truncated.fits").write_bytes(raw[: len(raw) // 2])
     files = ["mixed", "float64", "float32", "short", "inconsistent", "not-fits", "truncated", "missing"]
     paths = [str(d / f"{name}.fits") for name in files]
-    # Chunk 1: the 18 readable, normalised spectra; later chunks: the broken files (kept apart
-    # because of the re-normalisation problem tested by the xfail test below).
+    # Chunk 1: the 18 readable, normalised spectra; later chunks: the broken files.
     job = small_job(example_dir, chunk_size=20)
     # float64.fits listed twice (duplicate spectra in one chunk): chunk 1 = 8 + 2 + 2 + 8 rows.
     job.spectra = (paths[0], paths[1], paths[1], *paths[2:])
@@ -163,8 +162,6 @@ def test_model_file_damaged_after_training_fails_the_chunk_and_writes_nothing(tr
     assert not chunk.complete()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.read_chunk: a chunk holding an unreadable file is treated as "
-                                       "unnormalised and every spectrum in it is re-normalised (see FAULTS.md)")
 def test_an_unreadable_file_does_not_change_the_labels_of_other_spectra_in_its_chunk(bad_inputs):
     job = bad_inputs
     d = Path(job.spectra[0]).parent

@@ -74,3 +74,21 @@ def test_sigkill_at_fault_point_leaves_consistent_database_and_rerun_completes(d
                           "FROM cannon_result) k").fetchone()[0] == 60
     assert _unmarked_rows(db) == 0 and store.task_complete("chunk-b")
     assert store.failed_results() == []  # the rerun replaced the child's failed row, if any
+
+
+def test_a_killed_attempt_is_closed_by_the_next_attempt(db):
+    import subprocess
+    import sys
+
+    from astra_cannon import store
+    from astra_cannon.models import TaskRun
+
+    # a "running" row whose process is gone (a finished child stands in for a SIGKILLed worker)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = store.begin_task_run(task_family="InferChunk", task_id="chunk-x", parameters={})
+    TaskRun.update(pid=int(child.stdout)).where(TaskRun.id == dead.id).execute()
+    alive = store.begin_task_run(task_family="InferChunk", task_id="chunk-y", parameters={})
+    store.begin_task_run(task_family="InferChunk", task_id="chunk-x", parameters={})
+    old = TaskRun.get_by_id(dead.id)
+    assert old.status == "failed" and old.error_type == "Killed"
+    assert TaskRun.get_by_id(alive.id).status == "running"  # other tasks untouched

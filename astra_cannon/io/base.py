@@ -13,6 +13,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def _joint_normalised(batches):
+    """Whether a joined batch is normalised, judged only by batches with a readable spectrum.
+
+    An unreadable file yields a placeholder spectrum that is neither normalised nor not; it
+    must not make its readable neighbours look un-normalised (they would be re-normalised).
+    """
+    from ..flags import UNREADABLE_INPUT
+
+    readable = [b for b in batches if len(b) and not np.all(b.flags & UNREADABLE_INPUT)]
+    return all(b.normalised for b in readable) if readable else False
+
+
 @dataclass
 class Spectra:
     """A batch of spectra sharing one wavelength grid.
@@ -89,6 +101,6 @@ class Spectra:
             flags=np.concatenate([b.flags for b in batches]),
             reasons=sum((list(b.reasons) for b in batches), []),
             sources=sum((list(b.sources) for b in batches), []),
-            normalised=all(b.normalised for b in batches),
+            normalised=_joint_normalised(batches),
             meta=sum((list(b.meta) for b in batches), []),
         )
