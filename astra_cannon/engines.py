@@ -506,13 +506,14 @@ def _gauss_newton(Q, vectorizer, x, u=None):
     return H, g
 
 
-def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_atol=1e-8):
+def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_atol=1e-10):
     """Batched Levenberg-Marquardt in scaled label space for (spectrum, start) pairs.
 
     Convergence is judged in chi2 units, which are statistically meaningful whatever the
-    number of pixels: a row stops when the quadratic model predicts, or the last accepted
-    step achieved, a chi2 decrease below ``chi2_atol`` (``ier`` 1), or when the damping has
-    grown so large that no step can be taken (``ier`` 4). ``ier`` 5: iteration limit.
+    number of pixels: a row stops, without moving, when a full Gauss-Newton step would gain
+    less than ``chi2_atol``, or after an accepted step that gained less (``ier`` 1); when the
+    damping has grown so large that no step can be taken (``ier`` 4); ``ier`` 5: iteration
+    limit.
     """
     R, L = x0.shape
     x = x0.copy()
@@ -535,6 +536,17 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
         A = H + lam[a, None, None] * (dH[:, :, None] * eye + 1e-12 * eye)
         step = -_solve_spd(A, g)
         predicted = -2 * np.einsum("rl,rl->r", g, step) - np.einsum("rl,rlm,rm->r", step, H, step)
+        # Already at the optimum: the undamped Gauss-Newton decrement g^T H^-1 g (the chi2 a
+        # full step would gain) is below chi2_atol. Stop without moving.
+        decrement = np.einsum("rl,rl->r", g, _solve_spd(H + 1e-12 * eye, g))
+        at_optimum = np.abs(decrement) <= chi2_atol
+        if at_optimum.any():
+            ier[a[at_optimum]] = 1
+            keep = ~at_optimum
+            a, ra, step, predicted = a[keep], ra[keep], step[keep], predicted[keep]
+            if a.size == 0:
+                active = a
+                break
         x_try = x[a] + step
         V_try = vectorizer._vector_rows(x_try)
         chi_try = stats.chi2(V_try, ra)
@@ -544,7 +556,7 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
         acc = a[ok]
         x[acc], V[acc], chi[acc] = x_try[ok], V_try[ok], chi_try[ok]
         lam[a] = np.where(ok, np.maximum(lam[a] * 0.1, 1e-12), lam[a] * 10.0)
-        converged = (np.abs(predicted) <= chi2_atol) | (ok & (decrease <= chi2_atol))
+        converged = ok & (decrease <= chi2_atol)
         stuck = lam[a] > 1e10
         ier[a] = np.where(converged, 1, np.where(stuck, 4, 0))
         active = a[ier[a] == 0]

@@ -297,3 +297,23 @@ def test_model_uncertainty_correction_removes_pull_towards_training_centre():
     # the naive fit is biased towards the training-set centre (labels shrink)
     spread = lambda x: np.std((x - model.fiducials) / model.scales, axis=0)  # noqa: E731
     assert np.all(spread(naive) < spread(test_labels))
+
+
+def test_iteration_limit_is_flagged_optimizer_failed(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(4)
+    far = truth.fiducials + truth.scales * 0.8
+    got, _, meta = model.test(flux, ivar, initial_labels=far, max_iterations=1, model_uncertainty=False)
+    assert all(m["flags"] & F.OPTIMIZER_FAILED and m["ier"] == 5 for m in meta)
+    assert all("did not converge" in m["fail_message"] for m in meta)
+
+
+def test_a_fit_that_never_moves_is_flagged_at_initial_guess(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(3)
+    best, _, _ = model.test(flux, ivar, model_uncertainty=False)
+    again, _, meta = model.test(flux, ivar, initial_labels=best[:, None, :], model_uncertainty=False)
+    assert all(m["flags"] & F.AT_INITIAL_GUESS for m in meta)
+    np.testing.assert_allclose(again, best)
+    moved, _, meta = model.test(flux, ivar, model_uncertainty=False)
+    assert not any(m["flags"] & F.AT_INITIAL_GUESS for m in meta)
