@@ -549,7 +549,11 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
                 break
         x_try = x[a] + step
         V_try = vectorizer._vector_rows(x_try)
-        chi_try = stats.chi2(V_try, ra)
+        if at_optimum.any():
+            Q = Q[keep]
+        # chi2 from the rows of Q already gathered for this iteration
+        chi_try = (np.einsum("ri,ri->r", V_try, (Q @ V_try[:, :, None])[:, :, 0])
+                   - 2 * np.einsum("ri,ri->r", V_try, stats.c[ra]) + stats.e[ra])
         nfev[a] += 1
         ok = np.isfinite(chi_try) & (chi_try <= chi[a])
         decrease = np.where(ok, chi[a] - chi_try, 0.0)
