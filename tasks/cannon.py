@@ -59,6 +59,21 @@ def _remember_done(task_ids) -> None:
         _known_complete.setdefault(config.database_url(), set()).update(task_ids)
 
 
+def task_done_in_database(task_id) -> bool:
+    """``complete()`` for tasks whose marker is a done ``task_run`` row (one query, cached).
+
+    Database errors propagate on purpose: Luigi then reports a scheduling failure instead of
+    re-running everything during an outage.
+    """
+    if _cached_done(task_id):
+        return True
+    with pipeline.connected():
+        done = store.task_complete(task_id)
+    if done:
+        _remember_done([task_id])
+    return done
+
+
 def _say(text) -> None:
     print(f"[astra-cannon] {text}", file=sys.stderr, flush=True)
 
@@ -216,13 +231,7 @@ class InferChunk(_ModelParameters, luigi.Task):
         return self.clone(TrainModel)
 
     def complete(self):
-        if _cached_done(self.task_id):
-            return True
-        with pipeline.connected():
-            done = store.task_complete(self.task_id)
-        if done:
-            _remember_done([self.task_id])
-        return done
+        return task_done_in_database(self.task_id)
 
     def run(self):
         from astra_cannon import CannonModel, ModelFileError

@@ -17,7 +17,7 @@ import luigi
 
 from astra_cannon import pipeline, store, workflow
 
-from .cannon import NAMESPACE, TrainingSetFile, _cached_done, _ModelParameters, _remember_done
+from .cannon import NAMESPACE, TrainingSetFile, _ModelParameters, task_done_in_database
 
 __all__ = ["CrossValidate", "ChooseRegularization"]
 
@@ -42,13 +42,7 @@ class _ValidationTask(_ModelParameters, luigi.Task):
         return TrainingSetFile(path=self.training_set)
 
     def complete(self):
-        if _cached_done(self.task_id):
-            return True
-        with pipeline.connected():
-            done = store.task_complete(self.task_id)
-        if done:
-            _remember_done([self.task_id])
-        return done
+        return task_done_in_database(self.task_id)
 
 
 class CrossValidate(_ValidationTask):
