@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import luigi
 
-from astra_cannon import pipeline, store, workflow
+from astra_cannon import workflow
 
 from .cannon import NAMESPACE, TrainingSetFile, _ModelParameters, task_done_in_database
 

@@ -6,7 +6,6 @@ whole succeeds. A training set with missing labels and a damaged model file fail
 clearly, writing nothing.
 """
 
-import shutil
 from pathlib import Path
 
 import numpy as np
