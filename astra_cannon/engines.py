@@ -34,6 +34,9 @@ __all__ = ["khatri_rao_upper", "unpack_symmetric", "train_pixels", "SpectrumStat
 _BLOCK_BYTES = 24 * 2**20
 _ELEMENTWISE_BYTES = 4 * 2**20
 _PAIRS_CACHE_BYTES = 256 * 2**20
+# Largest share of a spectrum's label information that the model's own noise may take for the
+# corrected-score fit to be used (see SpectrumStatistics).
+MAX_MODEL_NOISE_FRACTION = 0.5
 
 
 @contextlib.contextmanager
@@ -454,11 +457,30 @@ class SpectrumStatistics:
                 Qf += w[:, sl] @ khatri_rao_upper(theta[sl])
         self.Q = unpack_symmetric(Qf, K)
         self.Qfit = self.Q
+        self.G = None
         if theta_cov is not None:
-            Qc = self.Q - unpack_symmetric(w @ theta_cov, K)
-            # Keep the correction only where the corrected quadratic form stays positive definite.
-            pd = np.linalg.eigvalsh(Qc).min(axis=1) > 0 if K <= 64 else np.ones(len(Qc), dtype=bool)
-            self.Qfit = np.where(pd[:, None, None], Qc, self.Q)
+            self.G = unpack_symmetric(w @ theta_cov, K)
+            self.Qfit = self.Q - self.G
+
+    def limit_correction(self, vectorizer, x):
+        """Keep the model-noise correction only where it is a first-order one.
+
+        At labels ``x`` (one row per spectrum), the correction's curvature in label space,
+        ``D^T G D``, must stay below ``MAX_MODEL_NOISE_FRACTION`` of the data's, ``D^T Q D``
+        (all generalised eigenvalues); elsewhere (a model with too few training stars for its
+        terms) the spectrum keeps the plain objective. Returns the mask of corrected spectra.
+        """
+        if self.G is None:
+            return np.zeros(len(self.Q), dtype=bool)
+        HQ, _ = _gauss_newton(self.Q, vectorizer, x)
+        HG, _ = _gauss_newton(self.G, vectorizer, x)
+        vals, vecs = np.linalg.eigh(HQ)
+        ok = vals.min(axis=1) > 0
+        root = vecs / np.sqrt(np.where(vals > 0, vals, np.inf))[:, None, :]
+        ratio = np.linalg.eigvalsh(np.transpose(root, (0, 2, 1)) @ HG @ root).max(axis=1)
+        corrected = ok & (ratio <= MAX_MODEL_NOISE_FRACTION)
+        self.Qfit = np.where(corrected[:, None, None], self.Qfit, self.Q)
+        return corrected
 
     def refined(self, rows, extra_variance, theta_cov=None):
         """Statistics of spectra ``rows`` with ``extra_variance`` (len(rows), P) added to the noise.
@@ -699,6 +721,7 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
                 stats = stats.refined(ok, model_var, theta_cov=theta_cov)
                 ok_rows = np.arange(ok.size)
                 with _small_matrix_blas():
+                    stats.limit_correction(vectorizer, xb)
                     xb, chib, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok_rows,
                                                                   max_iterations=max_iterations)
                 nfev_total = nfev_total + nfev2

@@ -317,3 +317,19 @@ def test_a_fit_that_never_moves_is_flagged_at_initial_guess(trained):
     np.testing.assert_allclose(again, best)
     moved, _, meta = model.test(flux, ivar, model_uncertainty=False)
     assert not any(m["flags"] & F.AT_INITIAL_GUESS for m in meta)
+
+
+def test_model_noise_correction_is_not_applied_where_the_model_noise_dominates():
+    from fixtures_numerics import TruthModel
+
+    truth = TruthModel(n_pixels=300, seed=8, order=3)  # 20 terms
+    labels, flux, ivar = truth.sample(26)  # barely more stars than terms: a very noisy model
+    model = CannonModel(labels, flux, ivar, truth.vectorizer)
+    model.train()
+    test_labels, tflux, tivar = truth.sample(30)
+    plain, _, _ = model.test(tflux, tivar, model_uncertainty=False)
+    guarded, cov, meta = model.test(tflux, tivar, model_uncertainty=True)
+    assert np.all(np.isfinite(guarded)) and np.all(np.isfinite(cov))
+    rms = lambda x: np.sqrt(np.mean(((x - test_labels) / model.scales) ** 2))  # noqa: E731
+    # never the runaway fits an over-large correction would give
+    assert rms(guarded) < 1.5 * rms(plain)
