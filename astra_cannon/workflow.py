@@ -185,7 +185,7 @@ def write_training_file(path, training_set, provenance) -> Path:
         fits.ImageHDU(np.frombuffer(text, dtype=np.uint8), name="PROVENANCE"),
     ])
     hdus[0].header["ORIGIN"] = ("astra_cannon", "assembled from survey files")
-    hdus[0].header["TSHASH"] = (training_set.hash, "order-free training-set sha256")
+    hdus[0].header["TSHASH"] = training_set.hash  # order-free sha256; no room left for a comment
     for hdu in hdus:
         hdu.add_checksum(when="")
     path = Path(path)
