@@ -88,7 +88,7 @@ def _as_arrays(labels, flux, ivar):
 
 
 def cross_validate(labels, flux, ivar, vectorizer, n_folds=5, regularization=None, censors=None, seed=0,
-                   dispersion=None, **test_kwargs) -> dict:
+                   dispersion=None, progress=None, **test_kwargs) -> dict:
     """K-fold cross-validation of a Cannon model: train on K-1 folds, test on the held-out one.
 
     Parameters
@@ -108,6 +108,8 @@ def cross_validate(labels, flux, ivar, vectorizer, n_folds=5, regularization=Non
         Seed of the random assignment of stars to folds.
     dispersion : ndarray, shape (P,), optional
         Wavelengths (needed when ``censors`` uses wavelength ranges).
+    progress : callable, optional
+        Called as ``progress(folds_done, n_folds)`` after each fold.
     **test_kwargs
         Passed to :meth:`CannonModel.test` (e.g. ``n_init``, ``max_iterations``).
 
@@ -150,6 +152,8 @@ def cross_validate(labels, flux, ivar, vectorizer, n_folds=5, regularization=Non
             errors[held] = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
         star_flags[held] = [m["flags"] for m in meta]
         r_chi_sq[held] = [np.nan if m["r_chi_sq"] is None else m["r_chi_sq"] for m in meta]
+        if progress is not None:
+            progress(k + 1, int(n_folds))
     failed = (star_flags & _flags.FAILURE_FLAGS).astype(bool) | ~np.all(np.isfinite(predicted), axis=1)
     names = list(vectorizer.label_names)
     stats = label_statistics(labels, predicted, names, use=~failed)
@@ -218,7 +222,7 @@ def validation_chi2(model, labels, flux, ivar):
 
 
 def choose_regularization(labels, flux, ivar, vectorizer, grid, validation_fraction=0.2, seed=0,
-                          censors=None, dispersion=None, criterion="nll") -> dict:
+                          censors=None, dispersion=None, criterion="nll", progress=None) -> dict:
     """Choose the L1 strength Lambda by how well each model predicts held-out spectra.
 
     The stars are split once into a training part and a validation part
@@ -252,6 +256,8 @@ def choose_regularization(labels, flux, ivar, vectorizer, grid, validation_fract
     criterion : {"nll", "chi2"}
         ``"nll"`` (default): Gaussian negative log-likelihood; ``"chi2"``: chi2 alone (see
         above for why it favours over-regularised models).
+    progress : callable, optional
+        Called as ``progress(models_done, n_models)`` after each Lambda.
 
     Returns
     -------
@@ -295,6 +301,8 @@ def choose_regularization(labels, flux, ivar, vectorizer, grid, validation_fract
         model.train()
         t_train.append(time.perf_counter() - t0)
         chi2[g], nll[g], n_used = validation_chi2(model, labels[val], flux[val], ivar[val])
+        if progress is not None:
+            progress(g + 1, grid.size)
 
     score = chi2 if criterion == "chi2" else nll
     alive = np.all(np.isfinite(score), axis=0)

@@ -359,6 +359,7 @@ def run_cross_validation(*, training_set, identity, n_folds=5, seed=0, plot_dir=
     report(f"{n_folds}-fold cross-validation on {labels.shape[0]} stars", 5)
     t0 = time.perf_counter()
     cv = cross_validate(labels, flux, ivar, vec, n_folds=int(n_folds), seed=int(seed),
+                        progress=lambda done, total: report(f"fold {done}/{total} done", 5 + int(80 * done / total)),
                         regularization=identity["regularization"] or None, dispersion=wavelength)
     elapsed = time.perf_counter() - t0
     params = cross_validation_parameters(identity, n_folds, seed)
@@ -421,6 +422,8 @@ def run_choose_regularization(*, training_set, identity, grid, validation_fracti
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RegularizationGridWarning)
         choice = choose_regularization(labels, flux, ivar, vec, grid=grid, validation_fraction=validation_fraction,
+                                       progress=lambda done, total: report(f"model {done}/{total} trained",
+                                                                           5 + int(80 * done / total)),
                                        seed=int(seed), dispersion=wavelength)
     for w in caught:  # re-issue anything that is not the grid-edge warning
         if not issubclass(w.category, RegularizationGridWarning):

@@ -123,3 +123,15 @@ def test_choose_regularization_rejects_bad_arguments(problem):
         choose_regularization(labels, flux, ivar, vec, grid=[0, 10], validation_fraction=1.0)
     with pytest.raises(ValueError, match="criterion"):
         choose_regularization(labels, flux, ivar, vec, grid=[0, 10], criterion="aic")
+
+
+def test_progress_is_reported_after_every_fold_and_every_lambda(problem):
+    labels, flux, ivar, vec = problem
+    folds, models = [], []
+    cross_validate(labels, flux, ivar, vec, n_folds=3, progress=lambda done, total: folds.append((done, total)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegularizationGridWarning)  # the grid is not the point here
+        choose_regularization(labels, flux, ivar, vec, grid=[0.0, 10.0, 100.0],
+                              progress=lambda done, total: models.append((done, total)))
+    assert folds == [(1, 3), (2, 3), (3, 3)]
+    assert models == [(1, 3), (2, 3), (3, 3)]
