@@ -418,7 +418,9 @@ def spectrum_residuals(wavelength, flux, ivar, model_flux, path, title=None):
             rax.legend(loc="lower left", fontsize=7, frameon=True)
     fig.supxlabel(r"Vacuum wavelength [$\rm \AA$]", fontsize=9, y=0.03)
     n_good = int(good.sum())
-    summary = f"{n_good} pixels, $\\chi^2_\\nu$ = {chi2 / max(n_good, 1):.2f}"
+    # chi2 per pixel with the inverse variance given here (the fit's stored rchi2 may also
+    # include the model's own variance)
+    summary = f"{n_good} pixels, $\\chi^2$/pixel (this ivar) = {chi2 / max(n_good, 1):.2f}"
     fig.text(0.985, 0.965 if not title else 0.91, summary, ha="right", va="bottom", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
