@@ -26,9 +26,9 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from . import flags as F
-from .fitting import estimate_s2
+from .fitting import _s2_newton
 
-__all__ = ["khatri_rao_upper", "unpack_symmetric", "train_pixels", "SpectrumStatistics", "label_spectra"]
+__all__ = ["khatri_rao_upper", "merge_equal_columns", "solve_normal_equations_cg", "unpack_symmetric", "train_pixels", "SpectrumStatistics", "label_spectra"]
 
 # Memory budget for one block of the Khatri-Rao product (bytes).
 _BLOCK_BYTES = 24 * 2**20
@@ -37,6 +37,8 @@ _PAIRS_CACHE_BYTES = 256 * 2**20
 # Largest share of a spectrum's label information that the model's own noise may take for the
 # corrected-score fit to be used (see SpectrumStatistics).
 MAX_MODEL_NOISE_FRACTION = 0.5
+# Conjugate-gradient iterations per solve before a pixel falls back to the direct solve.
+_CG_MAX_ITERATIONS = 200
 
 
 @contextlib.contextmanager
@@ -75,6 +77,39 @@ def khatri_rao_upper(X):
     """
     iu, ju = _upper_indices(X.shape[1])
     return X[:, iu] * X[:, ju]
+
+
+def merge_equal_columns(Z, rtol=1e-13):
+    """Group the columns of ``Z`` that are equal (to ``rtol``, element by element).
+
+    For a polynomial design matrix many column pairs ``a_i a_j`` are the same monomial
+    (``x0 * x1x2`` and ``x1 * x0x2``): a 17-label quadratic model has 14706 pairs but 5985
+    distinct quartic monomials. Their normal-equation entries are equal, so the matrix product
+    is only needed once per group. Groups are found from rounded values and then verified on
+    every row, so a merge is never an approximation beyond ``rtol``.
+
+    Parameters
+    ----------
+    Z : ndarray, shape (N, C)
+
+    Returns
+    -------
+    unique : ndarray of int, shape (U,)
+        One representative column per group.
+    inverse : ndarray of int, shape (C,)
+        Group of each column (``Z[:, unique[inverse]]`` equals ``Z``).
+    """
+    C = Z.shape[1]
+    scale = np.abs(Z).max(axis=0)
+    scale[scale == 0] = 1.0
+    key = np.round(Z[: min(len(Z), 64)] / scale, 9)
+    _, first, inverse = np.unique(key, axis=1, return_index=True, return_inverse=True)
+    rep = first[inverse.reshape(-1)]
+    diff = np.abs(Z - Z[:, rep])
+    same = np.all(diff <= rtol * np.maximum(np.abs(Z), np.abs(Z[:, rep])), axis=0)
+    rep = np.where(same, rep, np.arange(C))
+    unique, inverse = np.unique(rep, return_inverse=True)
+    return unique, inverse.reshape(-1)
 
 
 def unpack_symmetric(flat, K):
@@ -195,9 +230,18 @@ def _lasso_cd(M, b, lam, theta0, max_sweeps=2000, tol=1e-6, sweeps_per_check=5):
     return theta, n_sweeps, active
 
 
-def pixel_objective(M, b, c, theta, lam):
-    """``chi2 + lam * |theta[1:]|`` per pixel from the normal equations."""
-    chi2 = np.einsum("pi,pij,pj->p", theta, M, theta) - 2 * np.einsum("pi,pi->p", b, theta) + c
+def pixel_objective(M, b, c, theta, lam, solved=None):
+    """``chi2 + lam * |theta[1:]|`` per pixel from the normal equations.
+
+    ``solved`` marks pixels whose ``theta`` solves ``M theta = b`` exactly (no L1 term), where
+    ``chi2 = c - b^T theta`` needs no product with ``M``.
+    """
+    chi2 = c - np.einsum("pi,pi->p", b, theta)
+    rest = np.arange(len(c)) if solved is None else np.flatnonzero(~solved)
+    if rest.size:
+        t = theta[rest]
+        Mt = (M[rest] @ t[:, :, None])[:, :, 0]
+        chi2[rest] = np.einsum("pi,pi->p", t, Mt) - 2 * np.einsum("pi,pi->p", b[rest], t) + c[rest]
     return chi2 + lam * np.abs(theta[:, 1:]).sum(axis=1)
 
 
@@ -209,8 +253,86 @@ def _inverse_spd(M):
         return np.linalg.pinv(M, hermitian=True)
 
 
+def solve_normal_equations_cg(A, w, rhs, x0=None, tol=1e-8, max_iterations=200):
+    """Solve ``(A^T diag(w_p) A) x_p = rhs_p`` for every pixel p by preconditioned conjugate gradients.
+
+    The weights of a survey factorise nearly as ``w_np ~ a_n b_p`` (a star's S/N times a
+    pixel's depth), so the single matrix ``b_p A^T diag(a) A``, inverted once, is a close
+    preconditioner for every pixel: a few iterations reach the solution, and each iteration
+    is two ``N x K x P`` matrix products instead of building and factorising a K x K normal
+    matrix per pixel (``N K^2 / 2`` and ``K^3 / 3`` operations per pixel).
+
+    Parameters
+    ----------
+    A : ndarray, shape (N, K)
+    w : ndarray, shape (N, B)
+        Weights, >= 0; every column has more positive weights than K.
+    rhs : ndarray, shape (B, K)
+    x0 : ndarray, shape (B, K), optional
+        Starting point (e.g. the solution at the previous weights).
+    tol : float
+        A pixel stops when ``r^T P^-1 r <= tol`` with ``r`` the residual of the equations and
+        ``P`` the preconditioner: an estimate of ``chi2(x) - chi2(x_exact)``, so the default
+        leaves each ``x`` within about 1e-4 of its own standard error of the exact solution.
+    max_iterations : int
+
+    Returns
+    -------
+    x : ndarray, shape (B, K)
+    n_iterations : ndarray of int, shape (B,)
+    unconverged : ndarray of int
+        Columns that reached ``max_iterations``.
+    """
+    B, K = rhs.shape
+    scale = w.mean(axis=0)
+    a = (w / scale).mean(axis=1)
+    Pinv = _inverse_spd((A * a[:, None]).T @ A)
+
+    def precondition(R):
+        return (Pinv @ R) / scale
+
+    X = np.empty((K, B))
+    if x0 is None:
+        X[:] = precondition(rhs.T)
+    else:
+        X[:] = x0.T
+    n_it = np.zeros(B, dtype=int)
+    cols = np.arange(B)  # columns of the working arrays
+    wa, Xa = w, X
+    R = rhs.T - A.T @ (wa * (A @ Xa))
+    Zp = precondition(R)
+    rz = np.einsum("kb,kb->b", R, Zp)
+    D = Zp
+    active = np.ones(B, dtype=bool)
+    for it in range(max_iterations):
+        active &= ~(rz <= tol)
+        if not active.any():
+            break
+        if not active.all() and active.mean() < 0.75:
+            # finished columns leave the working arrays
+            X[:, cols[~active]] = Xa[:, ~active]
+            cols, wa, Xa, R, D, rz, scale = (cols[active], wa[:, active], Xa[:, active], R[:, active],
+                                            D[:, active], rz[active], scale[active])
+            active = active[active]
+        n_it[cols[active]] += 1
+        MD = A.T @ (wa * (A @ D))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            alpha = np.where(active, rz / np.einsum("kb,kb->b", D, MD), 0.0)
+        Xa = Xa + alpha * D
+        R -= alpha * MD
+        Zp = precondition(R)
+        rz_new = np.einsum("kb,kb->b", R, Zp)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            beta = np.where(active, rz_new / rz, 0.0)
+        D = Zp + beta * D
+        rz = rz_new
+    X[:, cols] = Xa
+    left = cols[active & ~(rz <= tol)]
+    return X.T, n_it, left
+
+
 def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=None, max_iterations=8,
-                 s2_rtol=1e-3, fixed_s2=None, theta_covariance="auto", progress=None):
+                 weight_rtol=1e-2, fixed_s2=None, theta_covariance="auto", solver="auto", progress=None):
     """Fit theta and s2 for every pixel.
 
     Parameters
@@ -226,8 +348,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         True where a term is excluded at a pixel.
     max_iterations : int
         Alternations between theta and s2.
-    s2_rtol : float
-        Stop when no pixel's ``s2`` changes by more than this (relative, or 1e-12 absolute).
+    weight_rtol : float
+        A pixel is finished when its new ``s2`` changes no star's weight ``ivar / (1 + ivar s2)``
+        by more than this fraction: theta would then move by about this fraction of its own
+        uncertainty, and ``s2`` by less.
     fixed_s2 : ndarray of shape (P,), optional
         Fit theta at this scatter and skip the scatter estimate.
     theta_covariance : bool or "auto"
@@ -235,6 +359,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         shape (P, K (K + 1) / 2)), used to propagate the model's uncertainty at test time.
         "auto": only when it takes at most 256 MB (e.g. 40 terms at 8575 pixels; a 17-label
         quadratic model needs 1 GB, so ask for it explicitly).
+    solver : {"auto", "direct", "cg"}
+        "direct" builds and solves every pixel's normal equations (needed for L1, censoring and
+        the theta covariance); "cg" uses :func:`solve_normal_equations_cg`, faster for many
+        terms. "auto": "cg" for more than 40 terms when none of those is asked for.
     progress : callable, optional
         Called as ``progress(n_pixels_done)`` after each block.
 
@@ -244,8 +372,9 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     s2 : ndarray, shape (P,)
         ``inf`` for a pixel without enough usable stars (its theta is ``[1, 0, ...]``).
     info : dict
-        ``n_iterations`` (alternations), ``dead`` (bool, P), ``objective`` (P),
-        ``lasso_sweeps_arrations`` (P), ``lasso_unconverged`` (count), ``t_train``.
+        ``n_iterations`` (alternations), ``pixels_per_iteration`` (list), ``dead`` (bool, P),
+        ``objective`` (P), ``lasso_sweeps`` (P), ``lasso_unconverged`` (count), ``solver``,
+        ``cg_iterations`` (mean per pixel and alternation), ``theta_cov``, ``t_train``.
     """
     t0 = time.perf_counter()
     A = np.ascontiguousarray(design_matrix, dtype=float)
@@ -254,17 +383,38 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     lam = np.broadcast_to(np.asarray(regularization if regularization is not None else 0.0, dtype=float), (P,))
     n_free = K - (censored_terms.sum(axis=1) if censored_terms is not None else 0)
     n_free = np.broadcast_to(n_free, (P,))
-    Z = khatri_rao_upper(A)
+    iu, ju = _upper_indices(K)
+    Kt = K * (K + 1) // 2
+    if theta_covariance == "auto":
+        # an explicit choice of the matrix-free solver wins over "auto"
+        theta_covariance = solver != "cg" and P * Kt * 8 <= _PAIRS_CACHE_BYTES
+    needs_matrix = bool(theta_covariance) or censored_terms is not None or bool(np.any(lam > 0))
+    if solver == "auto":
+        solver = "cg" if K > 40 and not needs_matrix else "direct"
+    if solver not in ("direct", "cg"):
+        raise ValueError(f"solver must be 'auto', 'direct' or 'cg', not {solver!r}")
+    if solver == "cg" and needs_matrix:
+        raise ValueError("L1 regularisation, censoring and the theta covariance need solver='direct'")
+    if solver == "direct":
+        # Only the distinct columns of the Khatri-Rao table enter the big product; every entry
+        # of the K x K normal matrix is then gathered from its group (2.5x less work at 17 labels).
+        Z = khatri_rao_upper(A)
+        unique, group = merge_equal_columns(Z)
+        Zu = np.ascontiguousarray(Z[:, unique])
+        del Z
+        gather = np.empty((K, K), dtype=np.intp)
+        gather[iu, ju] = group
+        gather[ju, iu] = group
+        matrix_floats = max(K * K, Zu.shape[1])
+    else:
+        matrix_floats = 1
     # Pixel blocks keep every temporary small (N * block and block * K^2 floats): large arrays
     # are mmapped and page-faulted afresh on each allocation, which costs more than the maths.
-    block = int(max(1, min(_ELEMENTWISE_BYTES // (8 * N), _BLOCK_BYTES // (8 * K * K))))
+    block = int(max(1, min(_ELEMENTWISE_BYTES // (8 * N), _BLOCK_BYTES // (8 * matrix_floats))))
 
     theta = np.zeros((P, K))
     theta[:, 0] = 1.0
-    Kt = K * (K + 1) // 2
-    iu, ju = _upper_indices(K)
-    if theta_covariance == "auto":
-        theta_covariance = P * Kt * 8 <= _PAIRS_CACHE_BYTES
+    cg_iterations = 0
     theta_cov = np.zeros((P, Kt)) if theta_covariance else None
     s2 = np.zeros(P) if fixed_s2 is None else np.array(fixed_s2, dtype=float)
     dead = np.zeros(P, dtype=bool)
@@ -272,6 +422,7 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     lasso_sweeps_arr = np.zeros(P, dtype=int)
     lasso_unconverged = 0
     n_alt_max = 0
+    per_alternation = np.zeros(max_iterations, dtype=int)
     for b0 in range(0, P, block):
         sl = slice(b0, min(P, b0 + block))
         # ivar is finite and >= 0 (CannonModel checks); flux may be NaN only where ivar == 0.
@@ -279,60 +430,120 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         good = iv > 0
         f = np.array(flux[:, sl], dtype=float)
         np.copyto(f, 0.0, where=~good)
+        n_good = good.sum(axis=0)
         nf = n_free[sl]
-        dead_b = good.sum(axis=0) <= nf
+        dead_b = n_good <= nf
         dead[sl] = dead_b
         s2_b = s2[sl]
         s2_b[dead_b] = np.inf
         cens_b = censored_terms[sl] if censored_terms is not None else None
         todo = np.flatnonzero(~dead_b)
+        # Working arrays hold only the pixels still alternating.
+        if todo.size < iv.shape[1]:
+            iv, f = iv[:, todo], f[:, todo]
+        with np.errstate(divide="ignore"):
+            var = np.divide(1.0, iv)  # inf where masked: weight 1 / (var + s2) = 0
+        # The scatter's Newton iterations run in float32: half the memory traffic, and a
+        # rounding error ~1e-5 of the noise variance, far below the estimate's own (~N^-1/2).
+        var32 = var.astype(np.float32)
+        iv_max = iv.max(axis=0)
+        sum_iv, sum_iv2 = iv.sum(axis=0), np.einsum("np,np->p", iv, iv)
         for n_alt in range(1, max_iterations + 1):
             if todo.size == 0:
                 break
             n_alt_max = max(n_alt_max, n_alt)
-            everything = todo.size == iv.shape[1]
-            iv_t, f_t = (iv, f) if everything else (iv[:, todo], f[:, todo])
-            w = iv_t / (1.0 + iv_t * s2_b[todo])
-            M = unpack_symmetric(w.T @ Z, K)
-            rhs = (w * f_t).T @ A
-            _apply_censoring(M, rhs, cens_b[todo] if cens_b is not None else None)
+            per_alternation[n_alt - 1] += todo.size
+            s2_t = s2_b[todo]
+            if n_alt == 1 and not s2_t.any():
+                w = iv  # read-only below
+            else:
+                w = np.add(var, s2_t)
+                np.divide(1.0, w, out=w)
+            wf = w * f
+            rhs = wf.T @ A
             lam_t = lam[sl][todo]
-            reg = lam_t > 0
-            with _small_matrix_blas():
-                sol = _solve_spd(M, rhs)
-                if reg.any():
-                    r = np.flatnonzero(reg)
-                    start = theta[b0 + todo[r]] if n_alt > 1 else sol[r]
-                    sol[r], it, left = _lasso_cd(M[r], rhs[r], lam_t[r], start)
-                    lasso_sweeps_arr[b0 + todo[r]] = it
-                    lasso_unconverged += left.size
-            theta[b0 + todo] = sol
-            if theta_cov is not None:
+            r2_all = None
+            if solver == "cg":
+                del wf
+                sol, n_cg, left = solve_normal_equations_cg(A, w, rhs, x0=theta[b0 + todo] if n_alt > 1 else None,
+                                                          max_iterations=_CG_MAX_ITERATIONS)
+                cg_iterations += int(n_cg.sum())
+                if left.size:
+                    # not converged (never seen on survey-like weights): solve those exactly
+                    M = unpack_symmetric(w[:, left].T @ khatri_rao_upper(A), K)
+                    with _small_matrix_blas():
+                        sol[left] = _solve_spd(M, rhs[left])
+                theta[b0 + todo] = sol
+                r2_all = A @ sol.T
+                r2_all -= f
+                r2_all *= r2_all
+                objective[b0 + todo] = np.einsum("np,np->p", w, r2_all)
+            else:
+                M = (w.T @ Zu)[:, gather]
+                _apply_censoring(M, rhs, cens_b[todo] if cens_b is not None else None)
+                reg = lam_t > 0
                 with _small_matrix_blas():
-                    inv = _inverse_spd(M)
+                    sol = _solve_spd(M, rhs)
+                    if reg.any():
+                        r = np.flatnonzero(reg)
+                        start = theta[b0 + todo[r]] if n_alt > 1 else sol[r]
+                        sol[r], it, left = _lasso_cd(M[r], rhs[r], lam_t[r], start)
+                        lasso_sweeps_arr[b0 + todo[r]] = it
+                        lasso_unconverged += left.size
+                theta[b0 + todo] = sol
+                c = np.einsum("np,np->p", wf, f)
+                del wf
+                objective[b0 + todo] = pixel_objective(M, rhs, c, sol, lam_t, solved=~reg)
+            if fixed_s2 is not None:
+                finished = np.ones(todo.size, dtype=bool)
+            else:
+                chi2 = objective[b0 + todo] - lam_t * np.abs(sol[:, 1:]).sum(axis=1)
+                target = n_good[todo] - nf[todo]
+                # A pixel whose chi2 at s2 = 0 is already below n - dof keeps s2 = 0: no residuals needed.
+                need = ~((s2_t == 0) & (chi2 <= target))
+                new = np.zeros(todo.size)
+                if need.any():
+                    k = np.flatnonzero(need)
+                    sub = k.size < todo.size
+                    if r2_all is not None:
+                        r2 = (r2_all[:, k] if sub else r2_all).astype(np.float32)
+                    else:
+                        resid = A @ sol[k].T
+                        resid -= f[:, k] if sub else f
+                        r2 = np.empty(resid.shape, dtype=np.float32)
+                        np.multiply(resid, resid, out=r2, casting="same_kind")
+                        del resid
+                    # Start from the last estimate, or from the DerSimonian-Laird moment estimate
+                    # (chi2 at s2 = 0 is the weighted sum of squared residuals it needs).
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        dl = (chi2[k] - target[k]) / (sum_iv[k] - sum_iv2[k] / sum_iv[k])
+                    dl = np.where(np.isfinite(dl), np.maximum(dl, 0.0), 0.0)
+                    start = np.where(s2_t[k] > 0, s2_t[k], dl)
+                    # Stop the Newton iterations well inside the alternation's weight tolerance.
+                    new[k] = _s2_newton(r2, var32[:, k] if sub else var32, target[k], start,
+                                        rtol=0.1 * weight_rtol, atol=0.1 * weight_rtol / iv_max[k])
+                # Largest relative change of any star's weight (the star with the largest ivar).
+                change = iv_max * np.abs(new - s2_t) / (1.0 + iv_max * np.minimum(new, s2_t))
+                finished = change <= weight_rtol
+                s2_b[todo] = new
+                if n_alt == max_iterations:
+                    finished[:] = True
+            if theta_cov is not None and finished.any():
+                # The covariance at the weights theta was solved with, for pixels that are done.
+                fin = np.flatnonzero(finished)
+                with _small_matrix_blas():
+                    inv = _inverse_spd(M[fin])
                 if cens_b is not None:
                     # a censored coefficient is exactly zero: no uncertainty
-                    cmask = cens_b[todo]
+                    cmask = cens_b[todo[fin]]
                     inv[np.broadcast_to(cmask[:, :, None], inv.shape)] = 0.0
                     inv[np.broadcast_to(cmask[:, None, :], inv.shape)] = 0.0
-                theta_cov[b0 + todo] = inv[:, iu, ju]
-            c = np.einsum("np,np->p", w, f_t * f_t)
-            objective[b0 + todo] = pixel_objective(M, rhs, c, sol, lam_t)
-            if fixed_s2 is not None:
-                break
-            # A pixel whose chi2 at s2 = 0 is already below n - dof keeps s2 = 0: no residuals needed.
-            new = np.zeros(todo.size)
-            n_use = good[:, todo].sum(axis=0) if not everything else good.sum(axis=0)
-            need = ~((s2_b[todo] == 0) & (objective[b0 + todo] - lam_t * np.abs(sol[:, 1:]).sum(axis=1)
-                                          <= n_use - nf[todo]))
-            if need.any():
-                k = np.flatnonzero(need)
-                resid = (f_t[:, k] if k.size < todo.size else f_t) - A @ sol[k].T
-                resid *= resid
-                new[k] = estimate_s2(resid, iv_t[:, k] if k.size < todo.size else iv_t, nf[todo][k], clean=True)
-            change = np.abs(new - s2_b[todo]) > s2_rtol * np.maximum(new, 1e-12 / s2_rtol)
-            s2_b[todo] = new
-            todo = todo[change]
+                theta_cov[b0 + todo[fin]] = inv[:, iu, ju]
+            if finished.any():
+                keep = ~finished
+                todo = todo[keep]
+                f, var, var32 = (a[:, keep] for a in (f, var, var32))
+                iv_max, sum_iv, sum_iv2 = iv_max[keep], sum_iv[keep], sum_iv2[keep]
         s2[sl] = s2_b
         if progress is not None:
             progress(sl.stop - sl.start)
@@ -340,10 +551,13 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     theta[dead, 0] = 1.0
     return theta, s2, {
         "n_iterations": n_alt_max,
+        "pixels_per_iteration": per_alternation[:n_alt_max].tolist(),
         "dead": dead,
         "objective": objective,
         "lasso_sweeps": lasso_sweeps_arr,
         "lasso_unconverged": int(lasso_unconverged),
+        "solver": solver,
+        "cg_iterations": cg_iterations / max(1, int(per_alternation.sum())),
         "theta_cov": theta_cov,
         "t_train": time.perf_counter() - t0,
     }

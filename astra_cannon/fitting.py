@@ -86,7 +86,44 @@ def adjusted_ivar(ivar, s2):
     return out
 
 
-def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-8, clean=False):
+def _s2_newton(r2, var, target, s, rtol, atol, max_iterations=100):
+    """Newton's method on ``g(s) = sum_n r2_n / (var_n + s) - target = 0`` for every column.
+
+    ``var = 1 / ivar`` (inf where a star is masked, so it has no weight); the arrays may be
+    float32, the iterate ``s`` stays float64. g is convex and decreasing in s: a Newton step
+    from right of the root lands left of it (or at 0, where g > 0), and from the left Newton's
+    method rises monotonically to the root, so the iteration cannot diverge. A column is
+    finished when its step is at most ``max(rtol * s, atol)`` and leaves the working arrays.
+    """
+    out = np.array(s, dtype=float)
+    s = out.copy()
+    idx = np.arange(s.size)
+    atol = np.broadcast_to(np.asarray(atol, dtype=float), s.shape)
+    w = np.empty_like(var)
+    for _ in range(max_iterations):
+        np.add(var, s.astype(var.dtype)[None, :], out=w)
+        np.divide(1.0, w, out=w)  # measured 2x faster than np.reciprocal for float64
+        g = np.einsum("np,np->p", r2, w).astype(float) - target
+        dg = -np.einsum("np,np,np->p", r2, w, w).astype(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = np.where(dg < 0, -g / dg, 0.0)
+        s_new = np.maximum(s + step, 0.0)
+        done = np.abs(s_new - s) <= np.maximum(rtol * s_new, atol)
+        out[idx] = s_new
+        if done.all():
+            break
+        if done.mean() > 0.25:
+            keep = ~done
+            idx, target, atol = idx[keep], target[keep], atol[keep]
+            r2, var = r2[:, keep], var[:, keep]
+            w = np.empty_like(var)
+            s = s_new[keep]
+        else:
+            s = s_new
+    return out
+
+
+def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-8, clean=False, s2_start=None):
     """Intrinsic scatter per pixel from residuals, vectorised over pixels.
 
     Solves, for each pixel (column), ``sum_n r_n^2 ivar_n / (1 + ivar_n s2) = n_used - dof``
@@ -103,9 +140,16 @@ def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-8, cle
         Inverse variance of the flux (without any scatter term).
     dof : int or ndarray of shape (P,)
         Number of fitted coefficients per pixel.
+    max_iterations : int, optional
+        Newton iterations at most.
+    rtol : float, optional
+        A pixel is finished when its Newton step is below ``rtol * s2``.
     clean : bool, optional
         Skip input sanitising: ``ivar`` is finite, >= 0, and ``residuals_squared`` is finite
         where ``ivar > 0`` and 0 elsewhere (the batched training guarantees this).
+    s2_start : ndarray of shape (P,), optional
+        Starting values (e.g. the previous estimate while training alternates); by default
+        the DerSimonian-Laird moment estimate.
 
     Returns
     -------
@@ -131,31 +175,23 @@ def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-8, cle
 
     g0 = np.einsum("np,np->p", r2, iv)
     active = np.flatnonzero(~dead & (g0 > target))
-    r2a, iva, ta = r2[:, active], iv[:, active], target[active]
-    # Start from the DerSimonian-Laird moment estimate (one weighted pass, usually close).
-    # g is convex and decreasing in s2: a Newton step from right of the root lands left of it
-    # (or at 0, where g > 0), and from the left Newton's method rises monotonically to the
-    # root, so the iteration cannot diverge.
-    sw = iva.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.maximum((g0[active] - ta) / (sw - (iva * iva).sum(axis=0) / sw), 0.0)
-    s = np.where(np.isfinite(s), s, 0.0)
-    for _ in range(max_iterations):
-        if active.size == 0:
-            break
-        w = iva / (1.0 + iva * s)
-        rw = r2a * w
-        g = rw.sum(axis=0) - ta
-        rw *= w
-        dg = -rw.sum(axis=0)
+    if active.size == 0:
+        return s2[0] if one_d else s2
+    r2a, ta = r2[:, active], target[active]
+    with np.errstate(divide="ignore"):
+        var = 1.0 / iv[:, active]
+    if s2_start is None:
+        # The DerSimonian-Laird moment estimate (one weighted pass, usually close).
+        iva = iv[:, active]
+        sw = iva.sum(axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            step = np.where(dg < 0, -g / dg, 0.0)
-        s_new = np.maximum(s + step, 0.0)
-        done = np.abs(s_new - s) <= rtol * np.maximum(s_new, 1e-300)
-        s = s_new
-        if done.all():
-            break
-    s2[active] = s
+            s = np.maximum((g0[active] - ta) / (sw - np.einsum("np,np->p", iva, iva) / sw), 0.0)
+        del iva
+    else:
+        s = np.array(np.broadcast_to(s2_start, s2.shape)[active], dtype=float)
+    s = np.where(np.isfinite(s), s, 0.0)
+    out = _s2_newton(r2a, var, ta, s, rtol, 0.0, max_iterations)
+    s2[active] = out
     return s2[0] if one_d else s2
 
 

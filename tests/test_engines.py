@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from astra_cannon.engines import SpectrumStatistics, khatri_rao_upper, label_spectra, train_pixels, unpack_symmetric
+from astra_cannon import engines
+from astra_cannon.engines import (SpectrumStatistics, khatri_rao_upper, label_spectra, merge_equal_columns,
+                                  solve_normal_equations_cg, train_pixels, unpack_symmetric)
+from astra_cannon.vectorizer import PolynomialVectorizer
 from astra_cannon.fitting import fit_pixel_fixed_scatter, fit_spectrum, fit_theta_by_linalg
 
 
@@ -21,6 +24,83 @@ def test_khatri_rao_packing_rebuilds_gram_matrix():
     np.testing.assert_allclose(unpack_symmetric(w @ khatri_rao_upper(X), 6), (X * w[:, None]).T @ X, rtol=1e-12)
 
 
+def test_equal_khatri_rao_columns_are_the_distinct_quartic_monomials():
+    rng = np.random.default_rng(1)
+    vec = PolynomialVectorizer([f"L{i}" for i in range(17)], 2)
+    A = vec.get_label_vector(rng.normal(size=(200, 17))).T
+    Z = khatri_rao_upper(A)
+    unique, group = merge_equal_columns(Z)
+    assert unique.size == 5985  # monomials of degree <= 4 in 17 variables: C(21, 4)
+    np.testing.assert_allclose(Z[:, unique[group]], Z, rtol=1e-13)
+
+
+def test_merging_never_joins_columns_that_differ_slightly():
+    rng = np.random.default_rng(2)
+    Z = rng.normal(size=(80, 5))
+    Z = np.hstack([Z, Z[:, :2], Z[:, 2:3] * (1 + 1e-11)])
+    unique, group = merge_equal_columns(Z)
+    assert list(group) == [0, 1, 2, 3, 4, 0, 1, 5]
+
+
+def _survey_like_weights(rng, N, P):
+    """ivar ~ (S/N)^2 / flux^2 with absorption depths varying star to star, 3% masked."""
+    snr = rng.uniform(50, 200, N)
+    depth = rng.uniform(0.0, 0.5, (N, P))
+    w = (snr[:, None] / (1 - depth)) ** 2
+    w[rng.random((N, P)) < 0.03] = 0.0
+    return w
+
+
+def test_conjugate_gradients_match_the_direct_weighted_least_squares_solve():
+    rng = np.random.default_rng(3)
+    vec = PolynomialVectorizer([f"L{i}" for i in range(8)], 2)
+    A = vec.get_label_vector(rng.uniform(-1, 1, (400, 8))).T  # 45 terms
+    N, K = A.shape
+    w = _survey_like_weights(rng, N, 60)
+    rhs = rng.normal(size=(60, K)) * 1e4
+    x, n_it, left = solve_normal_equations_cg(A, w, rhs)
+    assert left.size == 0 and n_it.max() < 60
+    M = np.einsum("np,nk,nj->pkj", w, A, A)
+    exact = np.linalg.solve(M, rhs[..., None])[..., 0]
+    d = x - exact
+    # chi2 excess (d^T M d) is the stopping measure: well below 1e-6
+    assert np.einsum("pi,pij,pj->p", d, M, d).max() < 1e-6
+    # every coefficient within 1e-3 of its standard error
+    sd = np.sqrt(np.diagonal(np.linalg.inv(M), axis1=1, axis2=2))
+    assert np.max(np.abs(d) / sd) < 1e-3
+    # a warm start at the solution needs no iteration
+    _, n_warm, _ = solve_normal_equations_cg(A, w, rhs, x0=exact)
+    assert n_warm.max() <= 1
+
+
+def test_cg_and_direct_training_agree_within_a_small_fraction_of_the_uncertainty(problem):
+    A, flux, ivar = problem
+    theta_d, s2_d, info_d = train_pixels(A, flux, ivar, solver="direct", theta_covariance=True)
+    theta_c, s2_c, info_c = train_pixels(A, flux, ivar, solver="cg")
+    assert info_c["solver"] == "cg" and info_c["cg_iterations"] > 0
+    K = A.shape[1]
+    sd = np.sqrt(unpack_symmetric(info_d["theta_cov"], K)[:, np.arange(K), np.arange(K)])
+    assert np.max(np.abs(theta_c - theta_d) / sd) < 0.02
+    np.testing.assert_allclose(s2_c, s2_d, rtol=2e-2, atol=1e-9)
+
+
+def test_cg_training_falls_back_to_the_direct_solve_when_it_does_not_converge(problem, monkeypatch):
+    A, flux, ivar = problem
+    s2 = np.full(flux.shape[1], 1e-5)
+    theta_d, _, _ = train_pixels(A, flux, ivar, fixed_s2=s2, solver="direct")
+    monkeypatch.setattr(engines, "_CG_MAX_ITERATIONS", 1)
+    theta_c, _, _ = train_pixels(A, flux, ivar, fixed_s2=s2, solver="cg")
+    np.testing.assert_allclose(theta_c, theta_d, rtol=1e-8, atol=1e-10)
+
+
+def test_cg_solver_refuses_what_needs_the_normal_matrix(problem):
+    A, flux, ivar = problem
+    with pytest.raises(ValueError, match="solver='direct'"):
+        train_pixels(A, flux, ivar, regularization=10.0, solver="cg")
+    with pytest.raises(ValueError, match="solver must be"):
+        train_pixels(A, flux, ivar, solver="lu")
+
+
 def test_batched_training_equals_per_pixel_linalg_at_fixed_scatter(problem, truth):
     A, flux, ivar = problem
     s2 = truth.s2
@@ -33,12 +113,24 @@ def test_batched_training_equals_per_pixel_linalg_at_fixed_scatter(problem, trut
 
 def test_batched_training_s2_matches_reference_estimate(problem):
     A, flux, ivar = problem
-    theta, s2, _ = train_pixels(A, flux, ivar)
+    # a tight tolerance: the alternation converges to the reference's fixed point
+    theta, s2, _ = train_pixels(A, flux, ivar, weight_rtol=1e-5)
     for p in range(0, flux.shape[1], 37):
         t, s2_ref, _ = fit_pixel_fixed_scatter(np.where(ivar[:, p] > 0, flux[:, p], 0), ivar[:, p], [(theta[p], "batched")],
                                                A, 0.0, None, s2=s2[p])
         np.testing.assert_allclose(t, theta[p], rtol=1e-4, atol=1e-6)
         assert s2_ref == pytest.approx(s2[p], rel=1e-3, abs=1e-9)
+
+
+def test_default_weight_tolerance_leaves_theta_within_2_percent_of_its_uncertainty(problem):
+    A, flux, ivar = problem
+    theta, s2, info = train_pixels(A, flux, ivar, theta_covariance=True)
+    theta_tight, s2_tight, _ = train_pixels(A, flux, ivar, weight_rtol=1e-6)
+    K = A.shape[1]
+    sd = np.sqrt(unpack_symmetric(info["theta_cov"], K)[:, np.arange(K), np.arange(K)])
+    assert np.max(np.abs(theta - theta_tight) / sd) < 0.02
+    np.testing.assert_allclose(s2, s2_tight, rtol=1e-2, atol=1e-9)
+    assert info["n_iterations"] <= 3
 
 
 def test_batched_l1_reaches_reference_objective(problem):
