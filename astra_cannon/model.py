@@ -263,6 +263,8 @@ class CannonModel:
             "t_train": info["t_train"],
             "n_iterations": info["n_iterations"],
             "solver": info["solver"],
+            "pixels_per_iteration": info["pixels_per_iteration"],
+            "cg_iterations": info["cg_iterations"],
             "n_dead_pixels": int(info["dead"].sum()),
             "lasso_unconverged": info["lasso_unconverged"],
             "n_stars": int(self.training_set_flux.shape[0]),

@@ -78,6 +78,7 @@ def bench_model(w, name, n_test, pixels=None, regularization=None, do_test=True,
     if isinstance(train_meta, dict):
         result["train_meta"] = {k: v for k, v in train_meta.items()
                                 if isinstance(v, (int, float, str, bool, type(None)))}
+        result["pixels_per_iteration"] = train_meta.get("pixels_per_iteration")
     if pixels is not None:
         result["train_s_extrapolated_8575px"] = result["train_s"] * 8575 / pix.size
     result["s2_recovery"] = metrics.scatter_recovery(
@@ -214,6 +215,10 @@ def print_case(r, impl="ours"):
         line += f", tracemalloc peak {r['train_tracemalloc_peak_mb']:.0f} MiB"
     line += f", peak RSS so far {r['peak_rss_mb_after_train']:.0f} MiB"
     print(line)
+    tm = r.get("train_meta", {})
+    if "solver" in tm:
+        print(f"solver {tm['solver']}, pixels per alternation {r.get('pixels_per_iteration')}, "
+              f"CG iterations per pixel and alternation {tm.get('cg_iterations', 0):.1f}")
     if "test_s_per_spectrum" in r:
         print(f"test {r['test_s_per_spectrum'] * 1e3:.2f} ms/spectrum (cpu "
               f"{r['test_cpu_s_per_spectrum'] * 1e3:.2f} ms) over {r['n_test']}; "
@@ -366,6 +371,13 @@ def main(argv=None):
                 print_case(rr)
                 payload["cases"][rr["case"]] = rr
                 common.write_json(out, payload)
+        if n_labels == 17 and not args.no_reg and not args.quick:
+            # Every pixel at Lambda = 1000 (AnniesLasso needs about a day for this).
+            _, rr = bench_model(w, f"{key}_lambda1000", n_test, regularization=common.REG_LAMBDA,
+                                do_test=False, trace_memory=False)
+            print_case(rr)
+            payload["cases"][rr["case"]] = rr
+            common.write_json(out, payload)
         del w, model
     print(f"\nwrote {out}")
     compare(payload, args.reference)
