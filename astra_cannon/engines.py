@@ -19,6 +19,7 @@ Nothing here reads files or databases.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import time
 
@@ -41,7 +42,30 @@ MAX_MODEL_NOISE_FRACTION = 0.5
 _CG_MAX_ITERATIONS = 200
 
 
+def _controller():
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        # Inspecting the loaded BLAS libraries costs ~1 ms: do it once, not per call.
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
+
+
+def _blas_threads():
+    """Threads the BLAS is set to use (e.g. by OPENBLAS_NUM_THREADS): our default parallelism."""
+    counts = [pool["num_threads"] for pool in _controller().info() if pool.get("user_api") == "blas"]
+    return max(counts) if counts else 1
+
+
 @contextlib.contextmanager
+def _blas_limit(n):
+    """Limit the BLAS to ``n`` threads inside the block (no change for None)."""
+    if n is None:
+        yield
+    else:
+        with _controller().limit(limits=n, user_api="blas"):
+            yield
+
+
 def _small_matrix_blas():
     """One BLAS thread for stacks of small matrices.
 
@@ -49,12 +73,7 @@ def _small_matrix_blas():
     several OpenBLAS threads each call pays a thread hand-off, which was measured 20x slower
     than one thread on a busy 2-core machine. Large products keep every thread.
     """
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        # Inspecting the loaded BLAS libraries costs ~1 ms: do it once, not per call.
-        _CONTROLLER = ThreadpoolController()
-    with _CONTROLLER.limit(limits=1, user_api="blas"):
-        yield
+    return _blas_limit(1)
 
 
 _CONTROLLER = None
@@ -339,7 +358,8 @@ def solve_normal_equations_cg(A, w, rhs, x0=None, tol=1e-8, max_iterations=200):
 
 
 def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=None, max_iterations=8,
-                 weight_rtol=1e-2, fixed_s2=None, theta_covariance="auto", solver="auto", progress=None):
+                 weight_rtol=1e-2, fixed_s2=None, theta_covariance="auto", solver="auto", n_threads=None,
+                 progress=None):
     """Fit theta and s2 for every pixel.
 
     Parameters
@@ -370,6 +390,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         "direct" builds and solves every pixel's normal equations (needed for L1, censoring and
         the theta covariance); "cg" uses :func:`solve_normal_equations_cg`, faster for many
         terms. "auto": "cg" for more than 40 terms when none of those is asked for.
+    n_threads : int, optional
+        Pixel blocks processed in parallel threads (each with a single-threaded BLAS). By
+        default the number of threads the BLAS is configured for, so ``OPENBLAS_NUM_THREADS=1``
+        (e.g. one per pipeline worker) keeps training on one core. Results do not depend on it.
     progress : callable, optional
         Called as ``progress(n_pixels_done)`` after each block.
 
@@ -421,16 +445,15 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
 
     theta = np.zeros((P, K))
     theta[:, 0] = 1.0
-    cg_iterations = 0
     theta_cov = np.zeros((P, Kt)) if theta_covariance else None
     s2 = np.zeros(P) if fixed_s2 is None else np.array(fixed_s2, dtype=float)
     dead = np.zeros(P, dtype=bool)
     objective = np.full(P, np.nan)
     lasso_sweeps_arr = np.zeros(P, dtype=int)
-    lasso_unconverged = 0
-    n_alt_max = 0
-    per_alternation = np.zeros(max_iterations, dtype=int)
-    for b0 in range(0, P, block):
+
+    def run_block(b0):
+        """Every alternation for the pixels of one block; disjoint slices of the outputs."""
+        n_alt_b, per_alt_b, lasso_unconverged_b, cg_b = 0, np.zeros(max_iterations, dtype=int), 0, 0
         sl = slice(b0, min(P, b0 + block))
         # ivar is finite and >= 0 (CannonModel checks); flux may be NaN only where ivar == 0.
         iv = np.array(ivar[:, sl], dtype=float)
@@ -458,8 +481,8 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         for n_alt in range(1, max_iterations + 1):
             if todo.size == 0:
                 break
-            n_alt_max = max(n_alt_max, n_alt)
-            per_alternation[n_alt - 1] += todo.size
+            n_alt_b = max(n_alt_b, n_alt)
+            per_alt_b[n_alt - 1] += todo.size
             s2_t = s2_b[todo]
             if n_alt == 1 and not s2_t.any():
                 w = iv  # read-only below
@@ -474,7 +497,7 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
                 del wf
                 sol, n_cg, left = solve_normal_equations_cg(A, w, rhs, x0=theta[b0 + todo] if n_alt > 1 else None,
                                                           max_iterations=_CG_MAX_ITERATIONS)
-                cg_iterations += int(n_cg.sum())
+                cg_b += int(n_cg.sum())
                 if left.size:
                     # not converged (never seen on survey-like weights): solve those exactly
                     M = unpack_symmetric(w[:, left].T @ khatri_rao_upper(A), K)
@@ -496,7 +519,7 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
                         start = theta[b0 + todo[r]] if n_alt > 1 else sol[r]
                         sol[r], it, left = _lasso_cd(M[r], rhs[r], lam_t[r], start)
                         lasso_sweeps_arr[b0 + todo[r]] = it
-                        lasso_unconverged += left.size
+                        lasso_unconverged_b += left.size
                 theta[b0 + todo] = sol
                 c = np.einsum("np,np->p", wf, f)
                 del wf
@@ -552,8 +575,23 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
                 f, var, var32 = (a[:, keep] for a in (f, var, var32))
                 iv_max, sum_iv, sum_iv2 = iv_max[keep], sum_iv[keep], sum_iv2[keep]
         s2[sl] = s2_b
-        if progress is not None:
-            progress(sl.stop - sl.start)
+        return n_alt_b, per_alt_b, lasso_unconverged_b, cg_b, sl.stop - sl.start
+
+    if n_threads is None:
+        n_threads = _blas_threads()
+    starts = range(0, P, block)
+    n_alt_max, per_alternation, lasso_unconverged, cg_iterations = 0, np.zeros(max_iterations, dtype=int), 0, 0
+    # Blocks are independent and numpy releases the GIL in its loops and BLAS calls, so
+    # threads share the blocks; each thread's BLAS then runs single-threaded.
+    with _blas_limit(1 if n_threads > 1 else None), \
+            concurrent.futures.ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
+        for n_alt_b, per_alt_b, lu_b, cg_b, n_done in pool.map(run_block, starts):
+            n_alt_max = max(n_alt_max, n_alt_b)
+            per_alternation += per_alt_b
+            lasso_unconverged += lu_b
+            cg_iterations += cg_b
+            if progress is not None:
+                progress(n_done)
     theta[dead] = 0.0
     theta[dead, 0] = 1.0
     return theta, s2, {

@@ -93,6 +93,20 @@ def test_cg_training_falls_back_to_the_direct_solve_when_it_does_not_converge(pr
     np.testing.assert_allclose(theta_c, theta_d, rtol=1e-8, atol=1e-10)
 
 
+def test_threads_share_pixel_blocks_without_changing_the_result(problem, monkeypatch):
+    A, flux, ivar = problem
+    monkeypatch.setattr(engines, "_ELEMENTWISE_BYTES", 8 * len(A) * 7)  # many small blocks
+    done = []
+    one = train_pixels(A, flux, ivar, regularization=5.0, n_threads=1)
+    two = train_pixels(A, flux, ivar, regularization=5.0, n_threads=2, progress=done.append)
+    assert sum(done) == flux.shape[1] and len(done) > 4
+    for a, b in zip(one[:2], two[:2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    for key in ("n_iterations", "pixels_per_iteration", "lasso_unconverged"):
+        assert one[2][key] == two[2][key]
+    np.testing.assert_allclose(one[2]["theta_cov"], two[2]["theta_cov"], rtol=1e-10, atol=1e-18)
+
+
 def test_cg_solver_refuses_what_needs_the_normal_matrix(problem):
     A, flux, ivar = problem
     with pytest.raises(ValueError, match="solver='direct'"):
