@@ -227,7 +227,12 @@ def _lasso_cd(M, b, lam, theta0, max_sweeps=2000, tol=1e-6, sweeps_per_check=2):
         da = np.einsum("pkk->pk", Ma)
         ga = ba - np.einsum("pij,pj->pi", Ma, ta)  # b - M theta
         moved = np.zeros(active.size)
-        for k in range(K):
+        # Only coefficients that are non-zero, or whose soft threshold would make them so, in
+        # some pixel can move; the rest are skipped. A sweep that moves nothing leaves b - M t
+        # unchanged, so the skipped ones still satisfy their condition when a pixel stops.
+        free = np.any((ta != 0) | (np.abs(ga + da * ta) > 0.5 * la[:, None]), axis=0)
+        free[0] = True
+        for k in np.flatnonzero(free):
             z = ga[:, k] + da[:, k] * ta[:, k]
             if k == 0:
                 new = z / da[:, k]
@@ -513,10 +518,14 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
                 _apply_censoring(M, rhs, cens_b[todo] if cens_b is not None else None)
                 reg = lam_t > 0
                 with _small_matrix_blas():
-                    sol = _solve_spd(M, rhs)
+                    # L1 pixels start from the unregularised solution, later from their last theta
+                    plain = ~reg if n_alt > 1 else np.ones(todo.size, dtype=bool)
+                    sol = theta[b0 + todo]
+                    if plain.any():
+                        sol[plain] = _solve_spd(M[plain], rhs[plain]) if not plain.all() else _solve_spd(M, rhs)
                     if reg.any():
                         r = np.flatnonzero(reg)
-                        start = theta[b0 + todo[r]] if n_alt > 1 else sol[r]
+                        start = sol[r]
                         sol[r], it, left = _lasso_cd(M[r], rhs[r], lam_t[r], start)
                         lasso_sweeps_arr[b0 + todo[r]] = it
                         lasso_unconverged_b += left.size
@@ -583,9 +592,13 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     n_alt_max, per_alternation, lasso_unconverged, cg_iterations = 0, np.zeros(max_iterations, dtype=int), 0, 0
     # Blocks are independent and numpy releases the GIL in its loops and BLAS calls, so
     # threads share the blocks; each thread's BLAS then runs single-threaded.
-    with _blas_limit(1 if n_threads > 1 else None), \
-            concurrent.futures.ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
-        for n_alt_b, per_alt_b, lu_b, cg_b, n_done in pool.map(run_block, starts):
+    with contextlib.ExitStack() as stack:
+        if n_threads > 1:
+            stack.enter_context(_blas_limit(1))
+            results = stack.enter_context(concurrent.futures.ThreadPoolExecutor(n_threads)).map(run_block, starts)
+        else:
+            results = map(run_block, starts)
+        for n_alt_b, per_alt_b, lu_b, cg_b, n_done in results:
             n_alt_max = max(n_alt_max, n_alt_b)
             per_alternation += per_alt_b
             lasso_unconverged += lu_b
