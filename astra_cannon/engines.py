@@ -349,33 +349,60 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     }
 
 
+def _fill_bad_with_infs(vals, rows, cols, seen):
+    """Set ``vals[rows, cols]`` (bad entries, in row-major order) to -inf and +inf in turn.
+
+    ``seen`` (S,) counts the bad entries of each row met in earlier column blocks and is
+    updated in place, so a row's first, third, ... bad entry overall gets -inf.
+    """
+    counts = np.bincount(rows, minlength=len(seen))
+    if rows.size:
+        rank = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows] + seen[rows]
+        vals[rows, cols] = np.where(rank % 2 == 0, -np.inf, np.inf)
+    seen += counts
+
+
+def _balanced_median(vals, n_bad):
+    """Row medians of the good entries of ``vals`` (S, P), whose ``n_bad`` bad entries per row
+    hold -inf and +inf in turn (``ceil(n_bad / 2)`` of them -inf).
+
+    The median of a row's good values then sits at ranks within one of ``k = P // 2`` of the
+    whole row, so one ``partition`` at the single rank ``k`` serves every row: ranks
+    ``k - 1`` and ``k + 1`` are the largest and smallest entries on either side. (numpy's
+    partition with several ``kth`` takes a scalar path about 7x slower than with one.)
+    """
+    S, P = vals.shape
+    if P == 1:
+        return np.where(n_bad == 0, vals[:, 0].astype(np.float64), np.nan)
+    k = P // 2
+    part = np.partition(vals, k, axis=1)
+    at = part[:, k].astype(np.float64)
+    odd = n_bad % 2 == 1
+    if P % 2 == 0:
+        # good-median ranks: (k - 1, k) for an even number of bad entries, (k, k) for odd
+        lo = np.where(odd, at, part[:, :k].max(axis=1))
+        hi = at
+    else:
+        # (k, k) for even, (k, k + 1) for odd
+        lo = at
+        hi = np.where(odd, part[:, k + 1:].min(axis=1), at)
+    with np.errstate(invalid="ignore"):
+        med = 0.5 * (lo + hi)
+    return np.where(n_bad < P, med, np.nan)
+
+
 def _median_of_good(values, bad):
     """Row medians of ``values`` over the entries where ``bad`` is False.
 
     Bad entries are replaced by -inf and +inf in turn (the first, third, ... bad entry of a
-    row by -inf), so the median of the good values sits at one of three fixed positions of
-    the whole row; one vectorised ``partition`` then serves every row (``nanmedian`` loops
-    over rows in Python).
+    row by -inf), so the median of the good values sits at fixed ranks of the whole row and
+    one vectorised ``partition`` serves every row (``nanmedian`` loops over rows in Python).
     """
-    S, P = values.shape
-    m = bad.sum(axis=1)
-    if P == 1:
-        return np.where(m == 0, values[:, 0], np.nan)
     # float32 halves the partition's memory traffic; S/N needs no more than 7 digits.
     vals = values.astype(np.float32)
-    # uint8 running counts wrap at 256, which keeps their parity.
-    odd = (np.cumsum(bad, axis=1, dtype=np.uint8) & 1).view(bool)
-    vals[bad & odd] = -np.inf
-    vals[bad & ~odd] = np.inf
-    kth = sorted({(P - 1) // 2, P // 2, min(P - 1, (P + 1) // 2)})
-    part = np.partition(vals, kth, axis=1)
-    rows = np.arange(S)
-    even = (m % 2) == 0
-    lo = np.where(even, (P - 1) // 2, P // 2)
-    hi = np.where(even, P // 2, np.minimum(P - 1, (P + 1) // 2))
-    with np.errstate(invalid="ignore"):
-        med = 0.5 * (part[rows, lo].astype(np.float64) + part[rows, hi])
-    return np.where(m < P, med, np.nan)
+    n_bad = np.zeros(vals.shape[0], dtype=np.intp)
+    _fill_bad_with_infs(vals, *np.nonzero(bad), n_bad)
+    return _balanced_median(vals, n_bad)
 
 
 class SpectrumStatistics:
@@ -383,6 +410,10 @@ class SpectrumStatistics:
 
     ``Q[s] = Theta^T W_s Theta`` (packed), ``c[s] = Theta^T W_s f_s`` and
     ``e[s] = f_s^T W_s f_s``, with ``W_s`` the scatter-adjusted inverse variance.
+
+    Everything is accumulated over blocks of pixels, each a few hundred kB for the whole batch:
+    the elementwise work runs in cache and feeds the block's matrix products directly, with
+    no batch-sized temporaries (fresh large arrays are page-faulted in on every allocation).
 
     Parameters
     ----------
@@ -394,73 +425,141 @@ class SpectrumStatistics:
     theta_pairs : ndarray, shape (P, K (K + 1) / 2), optional
         ``khatri_rao_upper(theta)``, cached by the caller across batches when it fits in memory.
     extra_variance : ndarray, shape (S, P), optional
-        Variance added to every pixel's noise (the model's own uncertainty at the spectrum's
-        labels), on top of ``s2``.
+        Variance added to every pixel's noise, on top of ``s2``.
     theta_cov : ndarray, shape (P, K (K + 1) / 2), optional
         Packed per-pixel covariance of theta. When given, the fit objective is corrected for
-        the model's noise: ``Qfit = Q - sum_p w_p Cov(theta_p)``. Without it the fitted labels
-        are pulled towards where the model is best determined (the training set's centre),
-        because the squared model error ``v^T Cov(theta_p) v`` grows away from it; subtracting
-        its expectation removes that bias (a corrected score). ``Q`` itself (used for the
-        covariance) is unchanged.
+        the model's noise: ``Qfit = Q - G`` with ``G = sum_p w_p Cov(theta_p)``. Without it the
+        fitted labels are pulled towards where the model is best determined (the training
+        set's centre), because the squared model error ``v^T Cov(theta_p) v`` grows away from
+        it; subtracting its expectation removes that bias (a corrected score). ``Q`` itself
+        (used for the covariance) is unchanged.
     summaries : bool
-        Also compute the S/N (a median per spectrum) and the mean flux.
+        Also compute the S/N (median of ``f sqrt(w)`` over usable pixels) and the mean flux.
+
+    Attributes
+    ----------
+    Q, Qfit, G : ndarray, shape (S, K, K)
+        ``G`` is None without ``theta_cov``; ``Qfit`` is ``Q - G`` (or ``Q``).
+    c : ndarray, shape (S, K)
+    e, n_pixels : ndarray, shape (S,)
+    snr, mean_flux : ndarray, shape (S,)
+        With ``summaries``.
     """
+
+    # Budget for one (spectra x pixel block) float64 array of the elementwise work.
+    _BLOCK_ARRAY_BYTES = 512 * 2**10
 
     def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None,
                  summaries=True):
-        f = np.array(flux, dtype=np.float64)
-        iv = np.array(ivar, dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(f)
-            bad |= ~(iv > 0)
-            bad |= ~np.isfinite(iv)
-        dead = ~np.isfinite(s2)
-        if dead.any():
-            bad |= dead[None, :]
-        np.copyto(f, 0.0, where=bad)
-        np.copyto(iv, 0.0, where=bad)
-        self._theta, self._pairs = theta, theta_pairs
-        self._f, self._iv, self._var = f, iv, np.where(dead, 0.0, s2)
-        self.K = theta.shape[1]
-        self.n_pixels = f.shape[1] - bad.sum(axis=1)
-        w = self._weights(extra_variance)
-        self._build(w, theta_cov)
+        self._flux, self._ivar = np.asarray(flux), np.asarray(ivar)
+        S, P = self._flux.shape
+        s2 = np.asarray(s2, dtype=float)
+        self._alive = np.isfinite(s2)
+        self._s2 = np.where(self._alive, s2, 0.0)
+        self._theta, self._pairs, self.K = theta, theta_pairs, theta.shape[1]
+        self._rows = None
+        n_bad = np.zeros(S, dtype=np.intp)
+        fsum = np.zeros(S)
+        # Batch-sized arrays are avoided (each is page-faulted in afresh, ~0.4 ms/MB); the
+        # S/N median needs whole rows, in float32.
+        snr_vals = np.empty((S, P), dtype=np.float32) if summaries else None
+        self._start(S, theta_cov is not None)
+        blocks = self._blocks(S, P)
+        f, r, w, wf = self._buffers(S, blocks)
+        for sl in blocks:
+            fb, rb = self._masked(sl, f[:, : sl.stop - sl.start], r[:, : sl.stop - sl.start])
+            bad = self._bad
+            if extra_variance is not None:
+                rb += extra_variance[:, sl]
+            wb = self._accumulate(fb, rb, sl, theta_cov, w, wf)
+            flat = np.flatnonzero(bad)
+            rows, cols = np.divmod(flat, bad.shape[1])
+            if summaries:
+                fsum += fb.sum(axis=1)
+                np.sqrt(wb, out=wb)
+                np.multiply(wb, fb, out=snr_vals[:, sl], casting="same_kind")
+                _fill_bad_with_infs(snr_vals[:, sl], rows, cols, n_bad)
+            else:
+                n_bad += np.bincount(rows, minlength=S)
+        del self._bad
+        self.n_pixels = P - n_bad
+        self._finish()
         if summaries:
             with np.errstate(invalid="ignore", divide="ignore"):
-                self.mean_flux = f.sum(axis=1) / self.n_pixels
-            np.sqrt(w, out=w)
-            w *= f
-            self.snr = _median_of_good(w, bad)
+                self.mean_flux = fsum / self.n_pixels
+            self.snr = _balanced_median(snr_vals, n_bad)
 
-    def _weights(self, extra_variance=None):
-        iv = self._iv
-        # Bad pixels have iv == 0, so their weight is 0 whatever the variance added.
-        var = self._var if extra_variance is None else self._var + extra_variance
-        return iv / (1.0 + iv * var)
+    def _blocks(self, S, P):
+        width = max(16, self._BLOCK_ARRAY_BYTES // (8 * max(S, 1)))
+        if self._pairs is None:
+            # The block's Khatri-Rao table of theta is built on the fly: bound it too.
+            width = min(width, max(1, _BLOCK_BYTES // (8 * self.K * (self.K + 1) // 2)))
+        return [slice(p, min(P, p + width)) for p in range(0, P, width)]
 
-    def _build(self, w, theta_cov):
-        theta, K = self._theta, self.K
-        f = self._f
-        wf = w * f
-        self.c = wf @ theta
-        self.e = np.einsum("sp,sp->s", wf, f)
-        if self._pairs is not None:
-            Qf = w @ self._pairs
+    @staticmethod
+    def _buffers(S, blocks):
+        width = max(sl.stop - sl.start for sl in blocks) if blocks else 0
+        return [np.empty((S, width)) for _ in range(4)]
+
+    def _masked(self, sl, f, r):
+        """Masked flux (0 where unusable) and total variance ``1/ivar + s2`` (inf where unusable,
+        so that the weight ``1/variance`` is 0) of pixel block ``sl``, written into ``f``, ``r``.
+
+        Recomputed from the input in every pass: cheaper than keeping batch-sized copies.
+        Leaves the block's bad-pixel mask in ``self._bad``.
+        """
+        rows = slice(None) if self._rows is None else self._rows
+        np.copyto(f, self._flux[rows, sl])
+        np.copyto(r, self._ivar[rows, sl])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            good = np.isfinite(f)
+            good &= r > 0
+            good &= r < np.inf
+            good &= self._alive[sl]
+            np.divide(1.0, r, out=r)
+        r += self._s2[sl]
+        self._bad = bad = np.logical_not(good, out=good)
+        np.copyto(f, 0.0, where=bad)
+        np.copyto(r, np.inf, where=bad)
+        return f, r
+
+    def _start(self, S, with_g):
+        Kt = self.K * (self.K + 1) // 2
+        self._Qf = np.zeros((S, Kt))
+        self.c = np.zeros((S, self.K))
+        self.e = np.zeros(S)
+        self._Gf = np.zeros((S, Kt)) if with_g else None
+
+    def _accumulate(self, f, r, sl, theta_cov, w, wf, model_var=None):
+        """Add the pixel block ``sl`` (masked flux ``f``, variance ``r``) to Q, c, e and G.
+
+        ``model_var`` is added to ``r`` first; ``w``, ``wf`` are scratch buffers. Returns the
+        block's weights (a view of ``w``).
+        """
+        n = sl.stop - sl.start
+        w, wf = w[:, :n], wf[:, :n]
+        if model_var is None:
+            np.divide(1.0, r, out=w)
         else:
-            # Pixel blocks keep the Khatri-Rao table of theta within the memory budget.
-            Kt = K * (K + 1) // 2
-            block = max(1, int(_BLOCK_BYTES // (8 * Kt)))
-            Qf = np.zeros((f.shape[0], Kt))
-            for start in range(0, theta.shape[0], block):
-                sl = slice(start, start + block)
-                Qf += w[:, sl] @ khatri_rao_upper(theta[sl])
-        self.Q = unpack_symmetric(Qf, K)
+            np.add(r, model_var, out=w)
+            np.divide(1.0, w, out=w)
+        pairs = self._pairs[sl] if self._pairs is not None else khatri_rao_upper(self._theta[sl])
+        self._Qf += w @ pairs
+        np.multiply(w, f, out=wf)
+        self.c += wf @ self._theta[sl]
+        self.e += np.einsum("sp,sp->s", wf, f)
+        if theta_cov is not None:
+            self._Gf += w @ theta_cov[sl]
+        return w
+
+    def _finish(self):
+        self.Q = unpack_symmetric(self._Qf, self.K)
         self.Qfit = self.Q
         self.G = None
-        if theta_cov is not None:
-            self.G = unpack_symmetric(w @ theta_cov, K)
+        if self._Gf is not None:
+            self.G = unpack_symmetric(self._Gf, self.K)
             self.Qfit = self.Q - self.G
+        del self._Qf, self._Gf
 
     def limit_correction(self, vectorizer, x):
         """Keep the model-noise correction only where it is a first-order one.
@@ -482,18 +581,35 @@ class SpectrumStatistics:
         self.Qfit = np.where(corrected[:, None, None], self.Qfit, self.Q)
         return corrected
 
-    def refined(self, rows, extra_variance, theta_cov=None):
-        """Statistics of spectra ``rows`` with ``extra_variance`` (len(rows), P) added to the noise.
+    def refined(self, rows, vectors, theta_cov):
+        """Statistics of spectra ``rows`` with the model's variance added to their noise.
 
-        Reuses the masked flux and inverse variance of this batch; no summaries.
+        The variance added is ``v^T Cov(theta_p) v`` at each spectrum's label vector
+        (``vectors``, shape (len(rows), K)); ``theta_cov`` also gives the corrected objective
+        (see the class). Re-reads this batch's flux and ivar; no summaries.
         """
         new = object.__new__(type(self))
-        new._theta, new._pairs, new._var, new.K = self._theta, self._pairs, self._var, self.K
-        if len(rows) == len(self._f):
-            rows = slice(None)  # every spectrum: views, not copies
-        new._f, new._iv = self._f[rows], self._iv[rows]
-        new.n_pixels = self.n_pixels[rows]
-        new._build(new._weights(extra_variance), theta_cov)
+        for name in ("_flux", "_ivar", "_alive", "_s2", "_theta", "_pairs", "K"):
+            setattr(new, name, getattr(self, name))
+        n = len(self.n_pixels)
+        rows = np.asarray(rows)
+        if len(rows) == n and np.array_equal(rows, np.arange(n)):
+            new._rows = self._rows
+            new.n_pixels = self.n_pixels
+        else:
+            new._rows = rows if self._rows is None else self._rows[rows]
+            new.n_pixels = self.n_pixels[rows]
+        R, P = len(vectors), self._flux.shape[1]
+        packed = khatri_rao_upper(vectors) * pack_weights(self.K)
+        new._start(R, True)
+        blocks = new._blocks(R, P)
+        f, r, w, wf = new._buffers(R, blocks)
+        for sl in blocks:
+            n = sl.stop - sl.start
+            fb, rb = new._masked(sl, f[:, :n], r[:, :n])
+            new._accumulate(fb, rb, sl, theta_cov, w, wf, model_var=_model_variance(packed, theta_cov[sl]))
+        del new._bad
+        new._finish()
         return new
 
     def chi2(self, v, rows, corrected=True):
@@ -611,10 +727,13 @@ def pack_weights(K):
     return np.where(iu == ju, 1.0, 2.0)
 
 
-def _model_variance(vectorizer, x, theta_cov):
-    """``v(x)^T C_p v(x)`` for every row of ``x`` and every pixel: (R, P)."""
-    V = vectorizer._vector_rows(x)
-    return (khatri_rao_upper(V) * pack_weights(V.shape[1])) @ theta_cov.T
+def _model_variance(packed_vectors, theta_cov):
+    """``v^T C_p v`` for every label vector and pixel: (R, P).
+
+    ``packed_vectors`` is ``khatri_rao_upper(V) * pack_weights(K)`` (R, K (K + 1) / 2),
+    ``theta_cov`` the packed ``C_p`` of the pixels wanted (P, K (K + 1) / 2).
+    """
+    return packed_vectors @ theta_cov.T
 
 
 def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, n_optimise=3,
@@ -717,8 +836,7 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             ier_b = ier[pick]
             if theta_cov is not None:
                 # Second pass: add the model's variance at the first optimum to the noise.
-                model_var = _model_variance(vectorizer, xb, theta_cov)
-                stats = stats.refined(ok, model_var, theta_cov=theta_cov)
+                stats = stats.refined(ok, vectorizer._vector_rows(xb), theta_cov)
                 ok_rows = np.arange(ok.size)
                 with _small_matrix_blas():
                     stats.limit_correction(vectorizer, xb)
