@@ -221,11 +221,14 @@ class PolynomialVectorizer:
         ndarray, shape (K, L) for one star or (N, K, L) for many
         """
         single = np.ndim(scaled_labels) == 1
-        x = self._as_2d(scaled_labels)
+        out = self._derivative_rows(self._as_2d(scaled_labels))
+        return out[0] if single else out
+
+    def _derivative_rows(self, x, V=None):
+        """Derivatives (N, K, L) at scaled labels ``x`` (N, L); ``V``: their label vectors, if known."""
         if self._deriv is not None:
             idx, coef = self._deriv
-            out = self._vector_rows(x)[:, idx] * coef
-            return out[0] if single else out
+            return (self._vector_rows(x) if V is None else V)[:, idx] * coef
         pw = self._powers(x)
         n = x.shape[0]
         out = np.zeros((n, self.n_terms, self.n_labels))
@@ -237,7 +240,7 @@ class PolynomialVectorizer:
                     if jj != j:
                         v = v * pw[ii][pp]
                 out[:, k, i] = v
-        return out[0] if single else out
+        return out
 
     def to_dict(self):
         """JSON-safe description, inverse of :meth:`from_dict`."""
