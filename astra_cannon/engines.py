@@ -471,7 +471,7 @@ class SpectrumStatistics:
             bad = self._bad
             if extra_variance is not None:
                 rb += extra_variance[:, sl]
-            wb = self._accumulate(fb, rb, sl, theta_cov, w, wf)
+            wb = self._accumulate(fb, rb, sl, None if theta_cov is None else theta_cov[sl], w, wf)
             flat = np.flatnonzero(bad)
             rows, cols = np.divmod(flat, bad.shape[1])
             if summaries:
@@ -533,8 +533,9 @@ class SpectrumStatistics:
     def _accumulate(self, f, r, sl, theta_cov, w, wf, model_var=None):
         """Add the pixel block ``sl`` (masked flux ``f``, variance ``r``) to Q, c, e and G.
 
-        ``model_var`` is added to ``r`` first; ``w``, ``wf`` are scratch buffers. Returns the
-        block's weights (a view of ``w``).
+        ``theta_cov``: the block's rows of the packed theta covariance (G is computed in its
+        dtype); ``model_var`` is added to ``r`` first; ``w``, ``wf`` are scratch buffers.
+        Returns the block's weights (a view of ``w``).
         """
         n = sl.stop - sl.start
         w, wf = w[:, :n], wf[:, :n]
@@ -549,7 +550,7 @@ class SpectrumStatistics:
         self.c += wf @ self._theta[sl]
         self.e += np.einsum("sp,sp->s", wf, f)
         if theta_cov is not None:
-            self._Gf += w @ theta_cov[sl]
+            self._Gf += w.astype(theta_cov.dtype, copy=False) @ theta_cov
         return w
 
     def _finish(self):
@@ -600,14 +601,18 @@ class SpectrumStatistics:
             new._rows = rows if self._rows is None else self._rows[rows]
             new.n_pixels = self.n_pixels[rows]
         R, P = len(vectors), self._flux.shape[1]
-        packed = khatri_rao_upper(vectors) * pack_weights(self.K)
+        # The model variance and G in float32 (twice the GEMM speed): both are corrections,
+        # to the noise and to the curvature, so a relative error ~1e-6 in them moves labels by
+        # ~1e-6 of the correction's own (sub-sigma) effect. Q, c, e stay float64.
+        packed = (khatri_rao_upper(vectors) * pack_weights(self.K)).astype(np.float32)
         new._start(R, True)
         blocks = new._blocks(R, P)
         f, r, w, wf = new._buffers(R, blocks)
         for sl in blocks:
             n = sl.stop - sl.start
             fb, rb = new._masked(sl, f[:, :n], r[:, :n])
-            new._accumulate(fb, rb, sl, theta_cov, w, wf, model_var=_model_variance(packed, theta_cov[sl]))
+            cov_block = theta_cov[sl].astype(np.float32)
+            new._accumulate(fb, rb, sl, cov_block, w, wf, model_var=_model_variance(packed, cov_block))
         del new._bad
         new._finish()
         return new
