@@ -28,12 +28,16 @@ from threadpoolctl import ThreadpoolController
 from . import flags as F
 from .fitting import estimate_s2
 
-__all__ = ["khatri_rao_upper", "unpack_symmetric", "train_pixels", "SpectrumStatistics", "label_spectra"]
+__all__ = ["khatri_rao_upper", "unpack_symmetric", "train_pixels", "SpectrumStatistics", "label_spectra",
+           "theta_pairs_for"]
 
 # Memory budget for one block of the Khatri-Rao product (bytes).
 _BLOCK_BYTES = 24 * 2**20
 _ELEMENTWISE_BYTES = 4 * 2**20
 _PAIRS_CACHE_BYTES = 256 * 2**20
+# Largest Khatri-Rao table of theta a model keeps between test calls (17 labels at 8575
+# pixels: 1.0 GB).
+_PAIRS_KEEP_BYTES = 1280 * 2**20
 # Largest share of a spectrum's label information that the model's own noise may take for the
 # corrected-score fit to be used (see SpectrumStatistics).
 MAX_MODEL_NOISE_FRACTION = 0.5
@@ -75,6 +79,43 @@ def khatri_rao_upper(X):
     """
     iu, ju = _upper_indices(X.shape[1])
     return X[:, iu] * X[:, ju]
+
+
+def _pairs_table(X, dtype=np.float64):
+    """``khatri_rao_upper(X)`` (same values), written term by term into one output array.
+
+    The fancy-indexed form materialises two gathered copies of the table first, which costs
+    several times the products for a large one (1 GB at 17 labels and 8575 pixels).
+    """
+    N, K = X.shape
+    out = np.empty((N, K * (K + 1) // 2), dtype=dtype)
+    start = 0
+    for i in range(K):
+        np.multiply(X[:, i : i + 1], X[:, i:], out=out[:, start : start + K - i])
+        start += K - i
+    return out
+
+
+def theta_pairs_for(owner, theta, max_bytes=None):
+    """The Khatri-Rao table of ``theta`` for the test step, kept on ``owner`` between calls.
+
+    Building it costs as much as the test step of ~100 spectra at 17 labels, so a model keeps
+    it (attribute ``_theta_pairs``) while ``theta`` is unchanged (compared in full on every
+    call, so an edited theta is never paired with a stale table). Returns None, keeping
+    nothing, when the table would exceed ``max_bytes`` (default ``_PAIRS_KEEP_BYTES``);
+    the test step then builds it block by block.
+    """
+    theta = np.asarray(theta, dtype=float)
+    P, K = theta.shape
+    limit = _PAIRS_KEEP_BYTES if max_bytes is None else max_bytes
+    if P * K * (K + 1) * 4 > limit:
+        return None
+    kept = getattr(owner, "_theta_pairs", None)
+    if kept is not None and kept[0].shape == theta.shape and np.array_equal(kept[0], theta):
+        return kept[1]
+    pairs = _pairs_table(theta)
+    owner._theta_pairs = (theta.copy(), pairs)
+    return pairs
 
 
 def unpack_symmetric(flat, K):
@@ -544,7 +585,7 @@ class SpectrumStatistics:
         else:
             np.add(r, model_var, out=w)
             np.divide(1.0, w, out=w)
-        pairs = self._pairs[sl] if self._pairs is not None else khatri_rao_upper(self._theta[sl])
+        pairs = self._pairs[sl] if self._pairs is not None else _pairs_table(self._theta[sl])
         self._Qf += w @ pairs
         np.multiply(w, f, out=wf)
         self.c += wf @ self._theta[sl]
@@ -775,7 +816,7 @@ def _model_variance(packed_vectors, theta_cov):
 
 def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, n_optimise=3,
                  optimise_all=False, max_iterations=100, batch_size=256, normalised_range=(0.5, 1.5),
-                 theta_cov=None, progress=None):
+                 theta_cov=None, progress=None, theta_pairs=None):
     """Fit labels for many spectra at once.
 
     Parameters
@@ -804,6 +845,9 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         finite size (a second, short pass).
     progress : callable, optional
         Called as ``progress(n_spectra_done)`` after each batch.
+    theta_pairs : ndarray, shape (P, K (K + 1) / 2), optional
+        ``khatri_rao_upper(theta)`` when the caller keeps it (see :func:`theta_pairs_for`);
+        otherwise built here when it takes at most 256 MB, or block by block per batch.
 
     Returns
     -------
@@ -834,7 +878,9 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         flags=np.zeros(S, dtype=np.int64),
     )
     K = theta.shape[1]
-    pairs = khatri_rao_upper(theta) if P * K * (K + 1) * 4 <= _PAIRS_CACHE_BYTES else None
+    pairs = theta_pairs
+    if pairs is None and P * K * (K + 1) * 4 <= _PAIRS_CACHE_BYTES:
+        pairs = _pairs_table(theta)
     for b0 in range(0, S, batch_size):
         sl = slice(b0, min(S, b0 + batch_size))
         stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, theta_pairs=pairs)
