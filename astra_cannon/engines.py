@@ -13,6 +13,9 @@ so the heavy work is one BLAS call per block instead of a Python loop over pixel
   ``chi2(x) = v^T Q v - 2 v^T c + e`` with ``v`` the label vector; Levenberg-Marquardt runs
   in the K-dimensional term space for all (spectrum, start) pairs at once. The Gauss-Newton
   matrix ``J^T W J = D^T Q D`` is exact, so the covariance equals leastsq's ``cov_x``.
+  From 28 terms up ``Q`` is built from float32 products (half the time of the step's largest
+  cost) and each fit is polished with the residual and chi2 computed in float64 at its
+  optimum, which restores the float64 labels (to ~1e-5 sigma) and chi2.
 
 Nothing here reads files or databases.
 """
@@ -38,6 +41,7 @@ _PAIRS_CACHE_BYTES = 256 * 2**20
 # Largest Khatri-Rao table of theta a model keeps between test calls (17 labels at 8575
 # pixels: 1.0 GB).
 _PAIRS_KEEP_BYTES = 1280 * 2**20
+_SINGLE_PRECISION_MIN_TERMS = 28
 # Largest share of a spectrum's label information that the model's own noise may take for the
 # corrected-score fit to be used (see SpectrumStatistics).
 MAX_MODEL_NOISE_FRACTION = 0.5
@@ -96,6 +100,16 @@ def _pairs_table(X, dtype=np.float64):
     return out
 
 
+def _single_precision(K):
+    """Whether the test step builds ``Q`` in float32: for models of at least 28 terms.
+
+    There the ``Q`` products dominate the test step and float32 halves them (and the kept
+    table); the float64 polish (:meth:`SpectrumStatistics.polished`) that restores the exact
+    optimum costs about one pass over the pixels, which below ~28 terms would eat the gain.
+    """
+    return K >= _SINGLE_PRECISION_MIN_TERMS
+
+
 def theta_pairs_for(owner, theta, max_bytes=None):
     """The Khatri-Rao table of ``theta`` for the test step, kept on ``owner`` between calls.
 
@@ -107,13 +121,14 @@ def theta_pairs_for(owner, theta, max_bytes=None):
     """
     theta = np.asarray(theta, dtype=float)
     P, K = theta.shape
+    dtype = np.dtype(np.float32 if _single_precision(K) else np.float64)
     limit = _PAIRS_KEEP_BYTES if max_bytes is None else max_bytes
-    if P * K * (K + 1) * 4 > limit:
+    if P * K * (K + 1) // 2 * dtype.itemsize > limit:
         return None
     kept = getattr(owner, "_theta_pairs", None)
     if kept is not None and kept[0].shape == theta.shape and np.array_equal(kept[0], theta):
         return kept[1]
-    pairs = _pairs_table(theta)
+    pairs = _pairs_table(theta, dtype)
     owner._theta_pairs = (theta.copy(), pairs)
     return pairs
 
@@ -476,6 +491,10 @@ class SpectrumStatistics:
         (used for the covariance) is unchanged.
     summaries : bool
         Also compute the S/N (median of ``f sqrt(w)`` over usable pixels) and the mean flux.
+    candidates : ndarray, shape (C, K), optional
+        Label vectors at which to compute every spectrum's chi2 in float64 pixel by pixel
+        (``grid``): with a single-precision ``Q`` the chi2 from ``Q`` is only good to ~1e-4
+        relative, too coarse to rank starting points.
 
     Attributes
     ----------
@@ -485,34 +504,47 @@ class SpectrumStatistics:
     e, n_pixels : ndarray, shape (S,)
     snr, mean_flux : ndarray, shape (S,)
         With ``summaries``.
+    grid : ndarray, shape (S, C)
+        With ``candidates`` (else None).
+    single : bool
+        ``Q`` (and ``G``) were built from float32 products: for models of at least 28 terms
+        (:func:`_single_precision`), or whenever ``theta_pairs`` is float32. The optimum of
+        such an objective is only good to ~1e-3 sigma; :meth:`polished` restores float64
+        accuracy around a point. ``c``, ``e`` are always float64.
     """
 
     # Budget for one (spectra x pixel block) float64 array of the elementwise work.
     _BLOCK_ARRAY_BYTES = 512 * 2**10
 
     def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None,
-                 summaries=True):
+                 summaries=True, candidates=None):
         self._flux, self._ivar = np.asarray(flux), np.asarray(ivar)
         S, P = self._flux.shape
         s2 = np.asarray(s2, dtype=float)
         self._alive = np.isfinite(s2)
         self._s2 = np.where(self._alive, s2, 0.0)
         self._theta, self._pairs, self.K = theta, theta_pairs, theta.shape[1]
+        self.single = _single_precision(self.K) if theta_pairs is None else theta_pairs.dtype == np.float32
         self._rows = None
+        self._extra, self._model_noise = extra_variance, None
         n_bad = np.zeros(S, dtype=np.intp)
         fsum = np.zeros(S)
         # Batch-sized arrays are avoided (each is page-faulted in afresh, ~0.4 ms/MB); the
         # S/N median needs whole rows, in float32.
         snr_vals = np.empty((S, P), dtype=np.float32) if summaries else None
         self._start(S, theta_cov is not None)
+        self.grid = None if candidates is None else np.zeros((S, len(candidates)))
         blocks = self._blocks(S, P)
         f, r, w, wf = self._buffers(S, blocks)
         for sl in blocks:
             fb, rb = self._masked(sl, f[:, : sl.stop - sl.start], r[:, : sl.stop - sl.start])
             bad = self._bad
-            if extra_variance is not None:
-                rb += extra_variance[:, sl]
             wb = self._accumulate(fb, rb, sl, None if theta_cov is None else theta_cov[sl], w, wf)
+            if candidates is not None:
+                # sum w m^2 - 2 sum w f m for every candidate model spectrum m (e added below)
+                model = candidates @ self._theta[sl].T
+                self.grid += wb @ (model * model).T
+                self.grid -= 2 * (wf[:, : sl.stop - sl.start] @ model.T)
             flat = np.flatnonzero(bad)
             rows, cols = np.divmod(flat, bad.shape[1])
             if summaries:
@@ -525,6 +557,8 @@ class SpectrumStatistics:
         del self._bad
         self.n_pixels = P - n_bad
         self._finish()
+        if self.grid is not None:
+            self.grid += self.e[:, None]
         if summaries:
             with np.errstate(invalid="ignore", divide="ignore"):
                 self.mean_flux = fsum / self.n_pixels
@@ -542,16 +576,21 @@ class SpectrumStatistics:
         width = max(sl.stop - sl.start for sl in blocks) if blocks else 0
         return [np.empty((S, width)) for _ in range(4)]
 
-    def _masked(self, sl, f, r):
+    def _masked(self, sl, f, r, rows=None):
         """Masked flux (0 where unusable) and total variance ``1/ivar + s2`` (inf where unusable,
-        so that the weight ``1/variance`` is 0) of pixel block ``sl``, written into ``f``, ``r``.
+        so that the weight ``1/variance`` is 0) of pixel block ``sl``, written into ``f``, ``r``;
+        plus the extra or model variance these statistics were built with.
 
-        Recomputed from the input in every pass: cheaper than keeping batch-sized copies.
-        Leaves the block's bad-pixel mask in ``self._bad``.
+        ``rows``: a subset of this object's spectra (default all). Recomputed from the input in
+        every pass: cheaper than keeping batch-sized copies. Leaves the block's bad-pixel mask
+        in ``self._bad``.
         """
-        rows = slice(None) if self._rows is None else self._rows
-        np.copyto(f, self._flux[rows, sl])
-        np.copyto(r, self._ivar[rows, sl])
+        if rows is None:
+            absolute = slice(None) if self._rows is None else self._rows
+        else:
+            absolute = rows if self._rows is None else self._rows[rows]
+        np.copyto(f, self._flux[absolute, sl])
+        np.copyto(r, self._ivar[absolute, sl])
         with np.errstate(invalid="ignore", divide="ignore"):
             good = np.isfinite(f)
             good &= r > 0
@@ -562,6 +601,12 @@ class SpectrumStatistics:
         self._bad = bad = np.logical_not(good, out=good)
         np.copyto(f, 0.0, where=bad)
         np.copyto(r, np.inf, where=bad)
+        local = slice(None) if rows is None else rows
+        if self._extra is not None:
+            r += self._extra[local, sl]
+        if self._model_noise is not None:
+            packed, theta_cov = self._model_noise
+            r += _model_variance(packed[local], theta_cov[sl].astype(np.float32))
         return f, r
 
     def _start(self, S, with_g):
@@ -585,8 +630,11 @@ class SpectrumStatistics:
         else:
             np.add(r, model_var, out=w)
             np.divide(1.0, w, out=w)
-        pairs = self._pairs[sl] if self._pairs is not None else _pairs_table(self._theta[sl])
-        self._Qf += w @ pairs
+        if self._pairs is not None:
+            pairs = self._pairs[sl]
+        else:
+            pairs = _pairs_table(self._theta[sl], np.float32 if self.single else np.float64)
+        self._Qf += w.astype(pairs.dtype, copy=False) @ pairs
         np.multiply(w, f, out=wf)
         self.c += wf @ self._theta[sl]
         self.e += np.einsum("sp,sp->s", wf, f)
@@ -631,31 +679,69 @@ class SpectrumStatistics:
         (see the class). Re-reads this batch's flux and ivar; no summaries.
         """
         new = object.__new__(type(self))
-        for name in ("_flux", "_ivar", "_alive", "_s2", "_theta", "_pairs", "K"):
+        for name in ("_flux", "_ivar", "_alive", "_s2", "_theta", "_pairs", "K", "single"):
             setattr(new, name, getattr(self, name))
         n = len(self.n_pixels)
         rows = np.asarray(rows)
         if len(rows) == n and np.array_equal(rows, np.arange(n)):
             new._rows = self._rows
             new.n_pixels = self.n_pixels
+            new._extra = self._extra
         else:
             new._rows = rows if self._rows is None else self._rows[rows]
             new.n_pixels = self.n_pixels[rows]
+            new._extra = None if self._extra is None else self._extra[rows]
         R, P = len(vectors), self._flux.shape[1]
         # The model variance and G in float32 (twice the GEMM speed): both are corrections,
         # to the noise and to the curvature, so a relative error ~1e-6 in them moves labels by
         # ~1e-6 of the correction's own (sub-sigma) effect. Q, c, e stay float64.
         packed = (khatri_rao_upper(vectors) * pack_weights(self.K)).astype(np.float32)
+        new._model_noise = (packed, theta_cov)
         new._start(R, True)
         blocks = new._blocks(R, P)
         f, r, w, wf = new._buffers(R, blocks)
         for sl in blocks:
             n = sl.stop - sl.start
             fb, rb = new._masked(sl, f[:, :n], r[:, :n])
-            cov_block = theta_cov[sl].astype(np.float32)
-            new._accumulate(fb, rb, sl, cov_block, w, wf, model_var=_model_variance(packed, cov_block))
+            new._accumulate(fb, rb, sl, theta_cov[sl].astype(np.float32), w, wf)
         del new._bad
         new._finish()
+        return new
+
+    def polished(self, rows, vectors):
+        """Statistics that are exact to first order around label vectors ``vectors`` (R, K).
+
+        For single-precision ``Q`` (see :func:`_single_precision`): ``v^T Q v`` and ``c`` cancel
+        to ~1e-5 of ``e``, so an optimum of the float32-built objective can sit ~1e-2 sigma off.
+        Here the residual ``Theta^T W (Theta v - f)`` and chi2 of spectra ``rows`` at
+        ``vectors`` are computed exactly (float64, pixel by pixel) and ``c``, ``e`` of those
+        rows replaced so that the objective and its gradient there are exact; ``Q``'s error
+        then only enters as ``dv^T dQ dv`` around that point. A few more iterations from there
+        give the float64 optimum (labels within ~1e-6 sigma). ``Q`` and ``G`` are shared.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        rows = np.asarray(rows)
+        R, K, P = len(rows), self.K, self._flux.shape[1]
+        resid = np.zeros((R, K))
+        chi = np.zeros(R)
+        blocks = self._blocks(R, P)
+        f, r, w, m = self._buffers(R, blocks)
+        for sl in blocks:
+            n = sl.stop - sl.start
+            fb, rb = self._masked(sl, f[:, :n], r[:, :n], rows)
+            wb, mb = np.divide(1.0, rb, out=w[:, :n]), m[:, :n]
+            theta = self._theta[sl]
+            np.matmul(vectors, theta.T, out=mb)
+            mb -= fb
+            chi += np.einsum("rp,rp->r", mb, mb * wb)
+            wb *= mb
+            resid += wb @ theta
+        del self._bad
+        Qv = _grouped_products(self.Q, rows, vectors[:, :, None])[:, :, 0]
+        new.c, new.e = self.c.copy(), self.e.copy()
+        new.c[rows] = Qv - resid
+        new.e[rows] = chi - np.einsum("ri,ri->r", vectors, Qv) + 2 * np.einsum("ri,ri->r", vectors, new.c[rows])
         return new
 
     def chi2(self, v, rows, corrected=True):
@@ -784,6 +870,18 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
     return x, chi, nfev, ier
 
 
+def _polish(stats, vectorizer, x, rows, nfev, ier, max_iterations):
+    """Refit from ``x`` on :meth:`SpectrumStatistics.polished` statistics (float64-exact there).
+
+    Returns the new statistics, labels, chi2, the evaluation counts added up and ``ier``
+    (the first fit's, unless the polish itself failed).
+    """
+    stats = stats.polished(rows, vectorizer._vector_rows(x))
+    with _small_matrix_blas():
+        x, chi, nfev_p, ier_p = _levenberg_marquardt(stats, vectorizer, x, rows, max_iterations=max_iterations)
+    return stats, x, chi, nfev + nfev_p, np.where(ier_p == 1, ier, ier_p)
+
+
 def _covariance(stats, vectorizer, x, rows):
     """``(D^T Q D)^-1`` at the optimum, in scaled label units; NaN where singular."""
     H, _ = _gauss_newton(stats.Q[rows], vectorizer, x)
@@ -879,11 +977,16 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     )
     K = theta.shape[1]
     pairs = theta_pairs
-    if pairs is None and P * K * (K + 1) * 4 <= _PAIRS_CACHE_BYTES:
-        pairs = _pairs_table(theta)
+    dtype = np.dtype(np.float32 if _single_precision(K) else np.float64)
+    if pairs is None and P * K * (K + 1) // 2 * dtype.itemsize <= _PAIRS_CACHE_BYTES:
+        pairs = _pairs_table(theta, dtype)
     for b0 in range(0, S, batch_size):
         sl = slice(b0, min(S, b0 + batch_size))
-        stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, theta_pairs=pairs)
+        # Ranking the shared starting points needs chi2 better than a float32 Q gives.
+        exact_grid = (not per_spectrum and not optimise_all and n_optimise < len(starts)
+                      and (pairs.dtype == np.float32 if pairs is not None else _single_precision(K)))
+        grid_vectors = vectorizer._vector_rows((starts - fiducials) / scales) if exact_grid else None
+        stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, theta_pairs=pairs, candidates=grid_vectors)
         nb = sl.stop - sl.start
         n_pix = stats.n_pixels
         out["n_pixels"][sl] = n_pix
@@ -902,6 +1005,8 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
                 V = vectorizer.get_label_vector(xs.reshape(-1, L)).T.reshape(ok.size, C, -1)
                 chi_c = np.einsum("sck,sck->sc", V, np.einsum("sij,scj->sci", stats.Qfit[ok], V)) \
                     - 2 * np.einsum("sck,sk->sc", V, stats.c[ok]) + stats.e[ok, None]
+            elif stats.grid is not None:
+                chi_c = stats.grid[ok]
             else:
                 chi_c = stats.chi2_grid(vectorizer.get_label_vector(xs[0]).T)[ok]
             k = C if optimise_all else min(n_optimise, C)
@@ -917,6 +1022,10 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             xb, chib = x[pick], chi[pick]
             nfev_total = nfev.reshape(ok.size, k).sum(axis=1)
             ier_b = ier[pick]
+            ok_rows = ok
+            if stats.single:
+                stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok_rows, nfev_total, ier_b,
+                                                             max_iterations)
             if theta_cov is not None:
                 # Second pass: add the model's variance at the first optimum to the noise.
                 stats = stats.refined(ok, vectorizer._vector_rows(xb), theta_cov)
@@ -926,10 +1035,11 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
                     xb, chib, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok_rows,
                                                                   max_iterations=max_iterations)
                 nfev_total = nfev_total + nfev2
+                if stats.single:
+                    stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok_rows, nfev_total,
+                                                                 ier_b, max_iterations)
                 # Report the plain chi2 (noise + model variance), not the corrected objective.
                 chib = stats.chi2(vectorizer._vector_rows(xb), ok_rows, corrected=False)
-            else:
-                ok_rows = ok
             with _small_matrix_blas():
                 cov = _covariance(stats, vectorizer, xb, ok_rows)
             idx = np.arange(sl.start, sl.stop)[ok]
