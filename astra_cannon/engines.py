@@ -738,7 +738,7 @@ class SpectrumStatistics:
             wb *= mb
             resid += wb @ theta
         del self._bad
-        Qv = _grouped_products(self.Q, rows, vectors[:, :, None])[:, :, 0]
+        Qv = _grouped_products(self.Q, rows, vectors[:, None, :])[:, 0, :]
         new.c, new.e = self.c.copy(), self.e.copy()
         new.c[rows] = Qv - resid
         new.e[rows] = chi - np.einsum("ri,ri->r", vectors, Qv) + 2 * np.einsum("ri,ri->r", vectors, new.c[rows])
@@ -776,23 +776,30 @@ def _gauss_newton(Q, vectorizer, x, u=None, V=None):
     return H, g
 
 
-def _grouped_products(Q, rows, X):
-    """``Q[rows[i]] @ X[i]`` for every row ``i``: (R, K, m), reading each matrix of ``Q`` once.
+def _grouped_products(Q, rows, Xt):
+    """``Xt[i] @ Q[rows[i]]`` for every row ``i`` (R, m, K): ``(Q X)^T``, as ``Q`` is symmetric.
 
-    The rows of one spectrum (its several starts) share one product, their right-hand sides
-    side by side. Gathering ``Q[rows]`` instead copies a K x K matrix per row (0.23 MB each at
-    17 labels), which cost more than the products; and wider products run faster in BLAS.
+    Each matrix of ``Q`` is read once: the rows of one spectrum (its several starts) share one
+    product, their left-hand sides stacked. Gathering ``Q[rows]`` instead copies a K x K matrix
+    per row (0.23 MB each at 17 labels), which cost more than the products; and larger
+    products run faster in BLAS. In the transposed layout the stacking is a copy along the
+    first axis only.
     """
-    R, K, m = X.shape
+    R, m, K = Xt.shape
     uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    width = int(counts.max())
     order = np.argsort(inv, kind="stable")
     slot = np.empty(R, dtype=np.intp)
     slot[order] = np.arange(R) - np.repeat(np.cumsum(counts) - counts, counts)
-    width = int(counts.max())
-    Z = np.zeros((uniq.size, K, width, m))
-    Z[inv, :, slot, :] = X
+    idx = inv * width + slot
     Qu = Q if uniq.size == len(Q) else Q[uniq]
-    return (Qu @ Z.reshape(uniq.size, K, width * m)).reshape(uniq.size, K, width, m)[inv, :, slot, :]
+    if uniq.size * width == R and np.array_equal(idx, np.arange(R)):
+        Z = Xt  # already grouped: every spectrum's rows side by side, in order
+    else:
+        Z = np.zeros((uniq.size * width, m, K), dtype=Xt.dtype)
+        Z[idx] = Xt
+    out = (Z.reshape(uniq.size, width * m, K) @ Qu).reshape(uniq.size * width, m, K)
+    return out if Z is Xt else out[idx]
 
 
 def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_atol=1e-10):
@@ -810,64 +817,74 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
     which left the accept/stop decisions to rounding near the optimum (random stopping points
     ~1e-4 sigma apart, and rows rejecting steps until the damping ran away).
 
-    One matrix product per iteration: ``Q [D' v']`` at the trial point gives its chi2 change
-    and, if the step is accepted, the next Gauss-Newton matrix ``D'^T Q D'`` and gradient.
+    One matrix product per iteration: ``[D' v']^T Q`` at the trial point gives its chi2 change
+    and, if the step is accepted, the next Gauss-Newton matrix ``D'^T Q D'`` and gradient. The
+    state of unfinished rows is kept compact, and so is the stack of matrices they use.
     """
     R, L = x0.shape
-    x = x0.copy()
-    lam = np.full(R, 1e-4)
-    V = vectorizer._vector_rows(x)
-    D = vectorizer._derivative_rows(x, V)
-    QDV = _grouped_products(stats.Qfit, rows, np.concatenate([D, V[:, :, None]], axis=2))
+    K = stats.Qfit.shape[-1]
+    x_out, V_out = x0.copy(), vectorizer._vector_rows(x0)
+    QV_out = np.zeros((R, K))
     nfev = np.ones(R, dtype=int)
     ier = np.zeros(R, dtype=int)
-    active = np.arange(R)
     eye = np.eye(L)
+    # State of the unfinished rows a: labels, label vectors, D^T, [D v]^T Q, damping, c.
+    a = np.arange(R)
+    xa, Va = x_out.copy(), V_out.copy()
+    DTa = vectorizer._derivative_rows(xa, Va, transposed=True)
+    Qw, rw = stats.Qfit, np.asarray(rows)  # working stack of Q and each row's matrix in it
+    QDVa = _grouped_products(Qw, rw, np.concatenate([DTa, Va[:, None, :]], axis=1))
+    lam = np.full(R, 1e-4)
+    ca = stats.c[rows]
     for _ in range(max_iterations):
-        if active.size == 0:
+        if a.size == 0:
             break
-        a = active
         n = a.size
-        c = stats.c[rows[a]]
-        Va, Dt, QDVa = V[a], np.transpose(D[a], (0, 2, 1)), QDV[a]
-        u = QDVa[:, :, L] - c
-        H = Dt @ QDVa[:, :, :L]  # J^T W J, the exact Gauss-Newton matrix
-        g = (Dt @ u[:, :, None])[:, :, 0]  # J^T W r
+        u = QDVa[:, L, :] - ca
+        H = DTa @ np.transpose(QDVa[:, :L, :], (0, 2, 1))  # J^T W J, the exact Gauss-Newton matrix
+        g = (DTa @ u[:, :, None])[:, :, 0]  # J^T W r
         dH = np.einsum("rll->rl", H)
-        A = H + lam[a, None, None] * (dH[:, :, None] * eye + 1e-12 * eye)
+        A = H + lam[:, None, None] * (dH[:, :, None] * eye + 1e-12 * eye)
         # The damped step and the undamped Gauss-Newton decrement g^T H^-1 g (the chi2 a full
         # step would gain) from one batched solve.
         sol = _solve_spd(np.concatenate([A, H + 1e-12 * eye]), np.concatenate([g, g]))
-        step = -sol[:n]
-        decrement = np.einsum("rl,rl->r", g, sol[n:])
+        status = np.zeros(n, dtype=int)
         # Already at the optimum: stop without moving.
-        at_optimum = np.abs(decrement) <= chi2_atol
-        if at_optimum.any():
-            ier[a[at_optimum]] = 1
-            keep = ~at_optimum
-            a, step, c, u, Va = a[keep], step[keep], c[keep], u[keep], Va[keep]
-            if a.size == 0:
-                active = a
-                break
-        x_try = x[a] + step
-        V_try = vectorizer._vector_rows(x_try)
-        D_try = vectorizer._derivative_rows(x_try, V_try)
-        QDV_try = _grouped_products(stats.Qfit, rows[a], np.concatenate([D_try, V_try[:, :, None]], axis=2))
-        change = np.einsum("ri,ri->r", V_try - Va, QDV_try[:, :, L] - c + u)
-        nfev[a] += 1
-        ok = np.isfinite(change) & (change <= 0)
-        acc = a[ok]
-        x[acc], V[acc], D[acc], QDV[acc] = x_try[ok], V_try[ok], D_try[ok], QDV_try[ok]
-        lam[a] = np.where(ok, np.maximum(lam[a] * 0.1, 1e-12), lam[a] * 10.0)
-        converged = ok & (change >= -chi2_atol)
-        stuck = lam[a] > 1e10
-        ier[a] = np.where(converged, 1, np.where(stuck, 4, 0))
-        active = a[ier[a] == 0]
-    ier[active] = 5
-    # chi2 at the final points from the products at hand (Q v is the last column of QDV)
-    chi = (np.einsum("ri,ri->r", V, QDV[:, :, L]) - 2 * np.einsum("ri,ri->r", V, stats.c[rows])
+        at_optimum = np.abs(np.einsum("rl,rl->r", g, sol[n:])) <= chi2_atol
+        status[at_optimum] = 1
+        go = np.flatnonzero(~at_optimum)
+        if go.size:
+            x_try = xa[go] - sol[go]
+            V_try = vectorizer._vector_rows(x_try)
+            DT_try = vectorizer._derivative_rows(x_try, V_try, transposed=True)
+            QDV_try = _grouped_products(Qw, rw[go], np.concatenate([DT_try, V_try[:, None, :]], axis=1))
+            change = np.einsum("ri,ri->r", V_try - Va[go], QDV_try[:, L, :] - ca[go] + u[go])
+            nfev[a[go]] += 1
+            ok = np.isfinite(change) & (change <= 0)
+            if go.size == n and ok.all():
+                xa, Va, DTa, QDVa = x_try, V_try, DT_try, QDV_try
+            else:
+                k = go[ok]
+                xa[k], Va[k], DTa[k], QDVa[k] = x_try[ok], V_try[ok], DT_try[ok], QDV_try[ok]
+            lam[go] = np.where(ok, np.maximum(lam[go] * 0.1, 1e-12), lam[go] * 10.0)
+            status[go] = np.where(ok & (change >= -chi2_atol), 1, np.where(lam[go] > 1e10, 4, 0))
+        finished = status != 0
+        if finished.any():
+            f, rf = np.flatnonzero(finished), a[finished]
+            x_out[rf], V_out[rf], QV_out[rf], ier[rf] = xa[f], Va[f], QDVa[f, L, :], status[f]
+            keep = ~finished
+            a, xa, Va, DTa, QDVa, lam, ca, rw = (arr[keep] for arr in (a, xa, Va, DTa, QDVa, lam, ca, rw))
+            if a.size and len(Qw) > 64:
+                used = np.unique(rw)
+                if used.size < len(Qw) // 2:
+                    # keep the matrix stack compact as spectra finish
+                    Qw, rw = Qw[used], np.searchsorted(used, rw)
+    if a.size:
+        x_out[a], V_out[a], QV_out[a], ier[a] = xa, Va, QDVa[:, L, :], 5
+    # chi2 at the final points from the products at hand
+    chi = (np.einsum("ri,ri->r", V_out, QV_out) - 2 * np.einsum("ri,ri->r", V_out, stats.c[rows])
            + stats.e[rows])
-    return x, chi, nfev, ier
+    return x_out, chi, nfev, ier
 
 
 def _polish(stats, vectorizer, x, rows, nfev, ier, max_iterations):

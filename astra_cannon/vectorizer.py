@@ -224,11 +224,20 @@ class PolynomialVectorizer:
         out = self._derivative_rows(self._as_2d(scaled_labels))
         return out[0] if single else out
 
-    def _derivative_rows(self, x, V=None):
-        """Derivatives (N, K, L) at scaled labels ``x`` (N, L); ``V``: their label vectors, if known."""
+    def _derivative_rows(self, x, V=None, transposed=False):
+        """Derivatives (N, K, L) at scaled labels ``x`` (N, L), or (N, L, K) when ``transposed``.
+
+        ``V``: the label vectors at ``x``, when known.
+        """
         if self._deriv is not None:
             idx, coef = self._deriv
-            return (self._vector_rows(x) if V is None else V)[:, idx] * coef
+            V = self._vector_rows(x) if V is None else V
+            return V[:, idx.T] * coef.T if transposed else V[:, idx] * coef
+        out = self._derivative_loop(x)
+        return np.ascontiguousarray(np.transpose(out, (0, 2, 1))) if transposed else out
+
+    def _derivative_loop(self, x):
+        """Derivatives (N, K, L) term by term, for term sets not closed under differentiation."""
         pw = self._powers(x)
         n = x.shape[0]
         out = np.zeros((n, self.n_terms, self.n_labels))
