@@ -190,3 +190,19 @@ def test_exact_candidate_grid_matches_the_double_precision_chi2(quartic):
     double = SpectrumStatistics(model.theta, flux, ivar, model.s2, theta_pairs=_pairs_table(model.theta))
     assert exact.single and not double.single
     np.testing.assert_allclose(exact.grid, double.chi2_grid(V), rtol=1e-10)
+
+
+def test_merged_starts_give_the_best_single_start_fit(truth):
+    _, flux, ivar = truth.sample(12)
+    starts = truth.fiducials + truth.scales * np.array([[0, 0, 0], [0.3, 0.3, 0.3], [-0.3, 0.2, -0.2],
+                                                        [0.2, -0.3, 0.1]])
+    args = (truth.theta, truth.s2, truth.vectorizer, truth.fiducials, truth.scales, flux, ivar)
+    together = label_spectra(*args, starts, optimise_all=True)
+    alone = [label_spectra(*args, s[None], optimise_all=True) for s in starts]
+    chi = np.array([o["chi2"] for o in alone])
+    best = np.argmin(chi, axis=0)
+    labels = np.array([o["labels"] for o in alone])[best, np.arange(12)]
+    sigma = np.sqrt(np.diagonal(together["cov"], axis1=1, axis2=2))
+    np.testing.assert_allclose((together["labels"] - labels) / sigma, 0, atol=1e-4)
+    np.testing.assert_allclose(together["chi2"], chi.min(axis=0), rtol=1e-10)
+    assert np.all(together["ier"] == 1)
