@@ -522,6 +522,7 @@ class SpectrumStatistics:
         S, P = self._flux.shape
         s2 = np.asarray(s2, dtype=float)
         self._alive = np.isfinite(s2)
+        self._all_alive = bool(self._alive.all())
         self._s2 = np.where(self._alive, s2, 0.0)
         self._theta, self._pairs, self.K = theta, theta_pairs, theta.shape[1]
         self.single = _single_precision(self.K) if theta_pairs is None else theta_pairs.dtype == np.float32
@@ -589,14 +590,15 @@ class SpectrumStatistics:
             absolute = slice(None) if self._rows is None else self._rows
         else:
             absolute = rows if self._rows is None else self._rows[rows]
-        np.copyto(f, self._flux[absolute, sl])
-        np.copyto(r, self._ivar[absolute, sl])
+        flux, ivar = self._flux[absolute, sl], self._ivar[absolute, sl]
+        np.copyto(f, flux)
         with np.errstate(invalid="ignore", divide="ignore"):
             good = np.isfinite(f)
-            good &= r > 0
-            good &= r < np.inf
-            good &= self._alive[sl]
-            np.divide(1.0, r, out=r)
+            good &= ivar > 0
+            good &= ivar < np.inf
+            if not self._all_alive:
+                good &= self._alive[sl]
+            np.divide(1.0, ivar, out=r)
         r += self._s2[sl]
         self._bad = bad = np.logical_not(good, out=good)
         np.copyto(f, 0.0, where=bad)
@@ -679,7 +681,7 @@ class SpectrumStatistics:
         (see the class). Re-reads this batch's flux and ivar; no summaries.
         """
         new = object.__new__(type(self))
-        for name in ("_flux", "_ivar", "_alive", "_s2", "_theta", "_pairs", "K", "single"):
+        for name in ("_flux", "_ivar", "_alive", "_all_alive", "_s2", "_theta", "_pairs", "K", "single"):
             setattr(new, name, getattr(self, name))
         n = len(self.n_pixels)
         rows = np.asarray(rows)
