@@ -606,7 +606,9 @@ class SpectrumStatistics:
         local = slice(None) if rows is None else rows
         if self._extra is not None:
             r += self._extra[local, sl]
-        if self._model_noise is not None:
+        if isinstance(self._model_noise, np.ndarray):
+            r += self._model_noise[local, sl]
+        elif self._model_noise is not None:
             packed, theta_cov = self._model_noise
             r += _model_variance(packed[local], theta_cov[sl].astype(np.float32))
         return f, r
@@ -698,15 +700,24 @@ class SpectrumStatistics:
         # to the noise and to the curvature, so a relative error ~1e-6 in them moves labels by
         # ~1e-6 of the correction's own (sub-sigma) effect. Q, c, e stay float64.
         packed = (khatri_rao_upper(vectors) * pack_weights(self.K)).astype(np.float32)
-        new._model_noise = (packed, theta_cov)
+        # A single-precision fit is polished later (a second pass with these weights): keep
+        # the model variance (R x P float32) rather than recompute its products.
+        kept = np.empty((R, P), dtype=np.float32) if self.single else None
+        new._model_noise = None
         new._start(R, True)
         blocks = new._blocks(R, P)
         f, r, w, wf = new._buffers(R, blocks)
         for sl in blocks:
             n = sl.stop - sl.start
             fb, rb = new._masked(sl, f[:, :n], r[:, :n])
-            new._accumulate(fb, rb, sl, theta_cov[sl].astype(np.float32), w, wf)
+            cov_block = theta_cov[sl].astype(np.float32)
+            model_var = _model_variance(packed, cov_block)
+            if kept is not None:
+                kept[:, sl] = model_var
+            rb += model_var
+            new._accumulate(fb, rb, sl, cov_block, w, wf)
         del new._bad
+        new._model_noise = kept if kept is not None else (packed, theta_cov)
         new._finish()
         return new
 
