@@ -789,6 +789,33 @@ def _gauss_newton(Q, vectorizer, x, u=None, V=None):
     return H, g
 
 
+def _grouping(rows):
+    """How :func:`_grouped` lays out ``rows`` (indices into a stack of matrices) spectrum by
+    spectrum: (distinct matrices, position of each row, rows per matrix, already in place)."""
+    R = len(rows)
+    uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    width = int(counts.max())
+    order = np.argsort(inv, kind="stable")
+    slot = np.empty(R, dtype=np.intp)
+    slot[order] = np.arange(R) - np.repeat(np.cumsum(counts) - counts, counts)
+    idx = inv * width + slot
+    return uniq, idx, width, bool(uniq.size * width == R and np.array_equal(idx, np.arange(R)))
+
+
+def _grouped(Q, grouping, Xt):
+    """``Xt[i] @ Q[rows[i]]`` for every row ``i`` (R, m, K) with ``grouping = _grouping(rows)``."""
+    uniq, idx, width, in_place = grouping
+    R, m, K = Xt.shape
+    Qu = Q if uniq.size == len(Q) else Q[uniq]
+    if in_place:
+        Z = Xt  # every spectrum's rows already side by side, in order
+    else:
+        Z = np.zeros((uniq.size * width, m, K), dtype=Xt.dtype)
+        Z[idx] = Xt
+    out = (Z.reshape(uniq.size, width * m, K) @ Qu).reshape(uniq.size * width, m, K)
+    return out if in_place else out[idx]
+
+
 def _grouped_products(Q, rows, Xt):
     """``Xt[i] @ Q[rows[i]]`` for every row ``i`` (R, m, K): ``(Q X)^T``, as ``Q`` is symmetric.
 
@@ -798,21 +825,7 @@ def _grouped_products(Q, rows, Xt):
     products run faster in BLAS. In the transposed layout the stacking is a copy along the
     first axis only.
     """
-    R, m, K = Xt.shape
-    uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
-    width = int(counts.max())
-    order = np.argsort(inv, kind="stable")
-    slot = np.empty(R, dtype=np.intp)
-    slot[order] = np.arange(R) - np.repeat(np.cumsum(counts) - counts, counts)
-    idx = inv * width + slot
-    Qu = Q if uniq.size == len(Q) else Q[uniq]
-    if uniq.size * width == R and np.array_equal(idx, np.arange(R)):
-        Z = Xt  # already grouped: every spectrum's rows side by side, in order
-    else:
-        Z = np.zeros((uniq.size * width, m, K), dtype=Xt.dtype)
-        Z[idx] = Xt
-    out = (Z.reshape(uniq.size, width * m, K) @ Qu).reshape(uniq.size * width, m, K)
-    return out if Z is Xt else out[idx]
+    return _grouped(Q, _grouping(rows), Xt)
 
 
 def _merged_starts(rows, x, V, QV, c, H, finished, tolerance=1.0):
@@ -863,7 +876,10 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
 
     One matrix product per iteration: ``[D' v']^T Q`` at the trial point gives its chi2 change
     and, if the step is accepted, the next Gauss-Newton matrix ``D'^T Q D'`` and gradient. The
-    state of unfinished rows is kept compact, and so is the stack of matrices they use.
+    state of unfinished rows is kept compact, and so is the stack of matrices they use. With
+    single-precision statistics (already only float32-accurate in ``Q``) the ``Q D`` part runs
+    in float32; ``Q v``, which the gradient and the chi2 change need to float64 accuracy, does
+    not.
     """
     R, L = x0.shape
     K = stats.Qfit.shape[-1]
@@ -872,20 +888,32 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
     nfev = np.ones(R, dtype=int)
     ier = np.zeros(R, dtype=int)
     eye = np.eye(L)
-    # State of the unfinished rows a: labels, label vectors, D^T, [D v]^T Q, damping, c.
+    # working stacks of Q (and its float32 copy) and each row's matrix in them
+    Qw, rw = stats.Qfit, np.asarray(rows)
+    Qw32 = stats.Qfit.astype(np.float32) if getattr(stats, "single", False) else None
+
+    def products(rows_, DT, V):
+        """``(Q D)^T`` and ``Q v`` of every row."""
+        grouping = _grouping(rows_)
+        if Qw32 is None:
+            QDV = _grouped(Qw, grouping, np.concatenate([DT, V[:, None, :]], axis=1))
+            return QDV[:, :L, :], QDV[:, L, :]
+        return _grouped(Qw32, grouping, DT.astype(np.float32)), _grouped(Qw, grouping, V[:, None, :])[:, 0, :]
+
+    # State of the unfinished rows a: labels, label vectors, D^T, (Q D)^T, Q v, damping, c.
     a = np.arange(R)
     xa, Va = x_out.copy(), V_out.copy()
     DTa = vectorizer._derivative_rows(xa, Va, transposed=True)
-    Qw, rw = stats.Qfit, np.asarray(rows)  # working stack of Q and each row's matrix in it
-    QDVa = _grouped_products(Qw, rw, np.concatenate([DTa, Va[:, None, :]], axis=1))
+    QDa, QVa = products(rw, DTa, Va)
     lam = np.full(R, 1e-4)
     ca = stats.c[rows]
     for _ in range(max_iterations):
         if a.size == 0:
             break
         n = a.size
-        u = QDVa[:, L, :] - ca
-        H = DTa @ np.transpose(QDVa[:, :L, :], (0, 2, 1))  # J^T W J, the exact Gauss-Newton matrix
+        u = QVa - ca
+        # J^T W J, the exact Gauss-Newton matrix (in QD's precision)
+        H = (DTa.astype(QDa.dtype, copy=False) @ np.transpose(QDa, (0, 2, 1))).astype(np.float64, copy=False)
         g = (DTa @ u[:, :, None])[:, :, 0]  # J^T W r
         dH = np.einsum("rll->rl", H)
         A = H + lam[:, None, None] * (dH[:, :, None] * eye + 1e-12 * eye)
@@ -901,34 +929,35 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
             x_try = xa[go] - sol[go]
             V_try = vectorizer._vector_rows(x_try)
             DT_try = vectorizer._derivative_rows(x_try, V_try, transposed=True)
-            QDV_try = _grouped_products(Qw, rw[go], np.concatenate([DT_try, V_try[:, None, :]], axis=1))
-            change = np.einsum("ri,ri->r", V_try - Va[go], QDV_try[:, L, :] - ca[go] + u[go])
+            QD_try, QV_try = products(rw[go], DT_try, V_try)
+            change = np.einsum("ri,ri->r", V_try - Va[go], QV_try - ca[go] + u[go])
             nfev[a[go]] += 1
             ok = np.isfinite(change) & (change <= 0)
             if go.size == n and ok.all():
-                xa, Va, DTa, QDVa = x_try, V_try, DT_try, QDV_try
+                xa, Va, DTa, QDa, QVa = x_try, V_try, DT_try, QD_try, QV_try
             else:
                 k = go[ok]
-                xa[k], Va[k], DTa[k], QDVa[k] = x_try[ok], V_try[ok], DT_try[ok], QDV_try[ok]
+                xa[k], Va[k], DTa[k], QDa[k], QVa[k] = x_try[ok], V_try[ok], DT_try[ok], QD_try[ok], QV_try[ok]
             lam[go] = np.where(ok, np.maximum(lam[go] * 0.1, 1e-12), lam[go] * 10.0)
             status[go] = np.where(ok & (change >= -chi2_atol), 1, np.where(lam[go] > 1e10, 4, 0))
         finished = status != 0
-        merged = _merged_starts(rw, xa, Va, QDVa[:, L, :], ca, H, finished)
+        merged = _merged_starts(rw, xa, Va, QVa, ca, H, finished)
         if merged is not None:
             status[merged] = 6
             finished[merged] = True
         if finished.any():
             f, rf = np.flatnonzero(finished), a[finished]
-            x_out[rf], V_out[rf], QV_out[rf], ier[rf] = xa[f], Va[f], QDVa[f, L, :], status[f]
+            x_out[rf], V_out[rf], QV_out[rf], ier[rf] = xa[f], Va[f], QVa[f], status[f]
             keep = ~finished
-            a, xa, Va, DTa, QDVa, lam, ca, rw = (arr[keep] for arr in (a, xa, Va, DTa, QDVa, lam, ca, rw))
+            a, xa, Va, DTa, QDa, QVa, lam, ca, rw = (arr[keep] for arr in (a, xa, Va, DTa, QDa, QVa, lam, ca, rw))
             if a.size and len(Qw) > 64:
                 used = np.unique(rw)
                 if used.size < len(Qw) // 2:
                     # keep the matrix stack compact as spectra finish
                     Qw, rw = Qw[used], np.searchsorted(used, rw)
+                    Qw32 = None if Qw32 is None else Qw32[used]
     if a.size:
-        x_out[a], V_out[a], QV_out[a], ier[a] = xa, Va, QDVa[:, L, :], 5
+        x_out[a], V_out[a], QV_out[a], ier[a] = xa, Va, QVa, 5
     # chi2 at the final points from the products at hand
     chi = (np.einsum("ri,ri->r", V_out, QV_out) - 2 * np.einsum("ri,ri->r", V_out, stats.c[rows])
            + stats.e[rows])
