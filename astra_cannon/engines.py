@@ -479,7 +479,8 @@ class SpectrumStatistics:
     s2 : ndarray, shape (P,)
         ``inf`` marks a dead pixel.
     theta_pairs : ndarray, shape (P, K (K + 1) / 2), optional
-        ``khatri_rao_upper(theta)``, cached by the caller across batches when it fits in memory.
+        ``khatri_rao_upper(theta)``, cached by the caller across batches when it fits in memory;
+        a float32 table makes ``Q`` single precision (see ``single``).
     extra_variance : ndarray, shape (S, P), optional
         Variance added to every pixel's noise, on top of ``s2``.
     theta_cov : ndarray, shape (P, K (K + 1) / 2), optional
@@ -493,7 +494,7 @@ class SpectrumStatistics:
         Also compute the S/N (median of ``f sqrt(w)`` over usable pixels) and the mean flux.
     candidates : ndarray, shape (C, K), optional
         Label vectors at which to compute every spectrum's chi2 in float64 pixel by pixel
-        (``grid``): with a single-precision ``Q`` the chi2 from ``Q`` is only good to ~1e-4
+        (``grid``): with a single-precision ``Q`` the chi2 from ``Q`` is only good to ~1e-3
         relative, too coarse to rank starting points.
 
     Attributes
@@ -725,12 +726,13 @@ class SpectrumStatistics:
         """Statistics that are exact to first order around label vectors ``vectors`` (R, K).
 
         For single-precision ``Q`` (see :func:`_single_precision`): ``v^T Q v`` and ``c`` cancel
-        to ~1e-5 of ``e``, so an optimum of the float32-built objective can sit ~1e-2 sigma off.
+        to ~1e-5 of ``e``, so an optimum of the float32-built objective can sit ~1e-3 sigma off.
         Here the residual ``Theta^T W (Theta v - f)`` and chi2 of spectra ``rows`` at
         ``vectors`` are computed exactly (float64, pixel by pixel) and ``c``, ``e`` of those
         rows replaced so that the objective and its gradient there are exact; ``Q``'s error
         then only enters as ``dv^T dQ dv`` around that point. A few more iterations from there
-        give the float64 optimum (labels within ~1e-6 sigma). ``Q`` and ``G`` are shared.
+        give the float64 optimum (to the optimiser's tolerance, ~1e-5 sigma). ``Q`` and ``G``
+        are shared.
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
