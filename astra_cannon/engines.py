@@ -39,7 +39,7 @@ _BLOCK_BYTES = 24 * 2**20
 _ELEMENTWISE_BYTES = 4 * 2**20
 _PAIRS_CACHE_BYTES = 256 * 2**20
 # Largest Khatri-Rao table of theta a model keeps between test calls (17 labels at 8575
-# pixels: 1.0 GB).
+# pixels: 0.5 GB in float32).
 _PAIRS_KEEP_BYTES = 1280 * 2**20
 _SINGLE_PRECISION_MIN_TERMS = 28
 # Largest share of a spectrum's label information that the model's own noise may take for the

@@ -349,9 +349,9 @@ class CannonModel:
         Notes
         -----
         The first call builds the table of products of theta's columns that the test step
-        needs (``P K (K + 1) / 2`` floats: 1 GB for 17 labels at 8575 pixels) and the model
-        keeps it for later calls while ``theta`` is unchanged (up to 1.25 GB; larger tables
-        are built per batch).
+        needs (``P K (K + 1) / 2`` numbers, float32 from 28 terms up: 0.5 GB and ~1 s for 17
+        labels at 8575 pixels) and the model keeps it for later calls while ``theta`` is
+        unchanged (up to 1.25 GB; larger tables are built per batch).
         """
         out = self.test_arrays(flux, ivar, initial_labels=initial_labels, n_init=n_init, n_optimise=n_optimise,
                                max_iterations=max_iterations, batch_size=batch_size,
