@@ -221,11 +221,23 @@ class PolynomialVectorizer:
         ndarray, shape (K, L) for one star or (N, K, L) for many
         """
         single = np.ndim(scaled_labels) == 1
-        x = self._as_2d(scaled_labels)
+        out = self._derivative_rows(self._as_2d(scaled_labels))
+        return out[0] if single else out
+
+    def _derivative_rows(self, x, V=None, transposed=False):
+        """Derivatives (N, K, L) at scaled labels ``x`` (N, L), or (N, L, K) when ``transposed``.
+
+        ``V``: the label vectors at ``x``, when known.
+        """
         if self._deriv is not None:
             idx, coef = self._deriv
-            out = self._vector_rows(x)[:, idx] * coef
-            return out[0] if single else out
+            V = self._vector_rows(x) if V is None else V
+            return V[:, idx.T] * coef.T if transposed else V[:, idx] * coef
+        out = self._derivative_loop(x)
+        return np.ascontiguousarray(np.transpose(out, (0, 2, 1))) if transposed else out
+
+    def _derivative_loop(self, x):
+        """Derivatives (N, K, L) term by term, for term sets not closed under differentiation."""
         pw = self._powers(x)
         n = x.shape[0]
         out = np.zeros((n, self.n_terms, self.n_labels))
@@ -237,7 +249,7 @@ class PolynomialVectorizer:
                     if jj != j:
                         v = v * pw[ii][pp]
                 out[:, k, i] = v
-        return out[0] if single else out
+        return out
 
     def to_dict(self):
         """JSON-safe description, inverse of :meth:`from_dict`."""

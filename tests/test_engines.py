@@ -228,3 +228,87 @@ def test_batched_l1_solution_satisfies_kkt_conditions(problem):
         assert abs(half_grad[0]) < 1e-6 * np.abs(b[0])
         np.testing.assert_allclose(half_grad[1:][nz], lam[p] / 2 * np.sign(theta[p, 1:][nz]), rtol=1e-6, atol=1e-6)
         assert np.all(np.abs(half_grad[1:][~nz]) <= lam[p] / 2 * (1 + 1e-6))
+
+
+@pytest.fixture(scope="module")
+def quartic():
+    """A 35-term model (3 labels, order 4): the test step builds Q in float32 and polishes."""
+    from astra_cannon import CannonModel
+    from fixtures_numerics import TruthModel
+
+    t = TruthModel(n_pixels=400, seed=21, order=4)
+    labels, flux, ivar = t.sample(400)
+    model = CannonModel(labels, flux, ivar, t.vectorizer)
+    model.train(theta_covariance=True)
+    return model, t
+
+
+@pytest.mark.parametrize("model_noise", [False, True])
+def test_single_precision_q_gives_the_double_precision_fit(quartic, model_noise):
+    from astra_cannon.engines import _pairs_table, _single_precision
+
+    model, t = quartic
+    K = model.theta.shape[1]
+    assert _single_precision(K)
+    _, flux, ivar = t.sample(40)
+    starts = model.default_starts()
+    args = (model.theta, model.s2, model.vectorizer, model.fiducials, model.scales, flux, ivar, starts)
+    kw = dict(theta_cov=model.theta_cov if model_noise else None)
+    single = label_spectra(*args, theta_pairs=_pairs_table(model.theta, np.float32), **kw)
+    double = label_spectra(*args, theta_pairs=_pairs_table(model.theta, np.float64), **kw)
+    sigma = np.sqrt(np.diagonal(double["cov"], axis1=1, axis2=2))
+    # within the optimiser's own tolerance (chi2_atol = 1e-10: ~1e-5 sigma)
+    np.testing.assert_allclose((single["labels"] - double["labels"]) / sigma, 0, atol=1e-4)
+    sigma_single = np.sqrt(np.diagonal(single["cov"], axis1=1, axis2=2))
+    np.testing.assert_allclose(sigma_single, sigma, rtol=1e-5)
+    corr = lambda c, s: c / s[:, :, None] / s[:, None, :]  # noqa: E731
+    np.testing.assert_allclose(corr(single["cov"], sigma_single), corr(double["cov"], sigma), atol=1e-5)
+    # With the model noise, the weights depend on the first optimum, itself only fixed to the
+    # optimiser's tolerance: chi2 then agrees to ~1e-7.
+    np.testing.assert_allclose(single["chi2"], double["chi2"], rtol=1e-6 if model_noise else 1e-8)
+    assert np.all(single["ier"] == 1)
+
+
+def test_single_precision_fit_equals_reference_fit_spectrum(quartic):
+    from astra_cannon.engines import _pairs_table
+
+    model, t = quartic
+    _, flux, ivar = t.sample(6)
+    start = model.fiducials[None, :]
+    out = label_spectra(model.theta, model.s2, model.vectorizer, model.fiducials, model.scales, flux, ivar, start,
+                        optimise_all=True, theta_pairs=_pairs_table(model.theta, np.float32))
+    for i in range(6):
+        lab, cov, meta = fit_spectrum(flux[i], ivar[i], start, model.vectorizer, model.theta, model.s2,
+                                      model.fiducials, model.scales)
+        sigma = np.sqrt(np.diag(cov))
+        np.testing.assert_allclose((out["labels"][i] - lab) / sigma, 0, atol=1e-4)
+        assert out["chi2"][i] == pytest.approx(meta["chi_sq"], rel=1e-8)
+
+
+def test_exact_candidate_grid_matches_the_double_precision_chi2(quartic):
+    from astra_cannon.engines import _pairs_table
+
+    model, t = quartic
+    _, flux, ivar = t.sample(10)
+    V = model.vectorizer.get_label_vector((model.default_starts() - model.fiducials) / model.scales).T
+    exact = SpectrumStatistics(model.theta, flux, ivar, model.s2,
+                               theta_pairs=_pairs_table(model.theta, np.float32), candidates=V)
+    double = SpectrumStatistics(model.theta, flux, ivar, model.s2, theta_pairs=_pairs_table(model.theta))
+    assert exact.single and not double.single
+    np.testing.assert_allclose(exact.grid, double.chi2_grid(V), rtol=1e-10)
+
+
+def test_merged_starts_give_the_best_single_start_fit(truth):
+    _, flux, ivar = truth.sample(12)
+    starts = truth.fiducials + truth.scales * np.array([[0, 0, 0], [0.3, 0.3, 0.3], [-0.3, 0.2, -0.2],
+                                                        [0.2, -0.3, 0.1]])
+    args = (truth.theta, truth.s2, truth.vectorizer, truth.fiducials, truth.scales, flux, ivar)
+    together = label_spectra(*args, starts, optimise_all=True)
+    alone = [label_spectra(*args, s[None], optimise_all=True) for s in starts]
+    chi = np.array([o["chi2"] for o in alone])
+    best = np.argmin(chi, axis=0)
+    labels = np.array([o["labels"] for o in alone])[best, np.arange(12)]
+    sigma = np.sqrt(np.diagonal(together["cov"], axis1=1, axis2=2))
+    np.testing.assert_allclose((together["labels"] - labels) / sigma, 0, atol=1e-4)
+    np.testing.assert_allclose(together["chi2"], chi.min(axis=0), rtol=1e-10)
+    assert np.all(together["ier"] == 1)
