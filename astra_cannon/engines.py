@@ -1282,7 +1282,7 @@ def _model_variance(packed_vectors, theta_cov):
 
 def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, n_optimise=3,
                  optimise_all=False, max_iterations=100, batch_size=256, normalised_range=(0.5, 1.5),
-                 theta_cov=None, progress=None, theta_pairs=None):
+                 theta_cov=None, progress=None, theta_pairs=None, n_threads=None):
     """Fit labels for many spectra at once.
 
     Parameters
@@ -1314,6 +1314,9 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     theta_pairs : ndarray, shape (P, K (K + 1) / 2), optional
         ``khatri_rao_upper(theta)`` when the caller keeps it (see :func:`theta_pairs_for`);
         otherwise built here when it takes at most 256 MB, or block by block per batch.
+    n_threads : int, optional
+        Batches fitted in parallel threads (each with a single-threaded BLAS); by default as many
+        as the BLAS is configured for (``OPENBLAS_NUM_THREADS``). Results do not depend on it.
 
     Returns
     -------
@@ -1348,7 +1351,14 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     dtype = np.dtype(np.float32 if _single_precision(K) else np.float64)
     if pairs is None and P * K * (K + 1) // 2 * dtype.itemsize <= _PAIRS_CACHE_BYTES:
         pairs = _pairs_table(theta, dtype)
-    for b0 in range(0, S, batch_size):
+    if n_threads is None:
+        n_threads = _blas_threads()
+    if n_threads > 1:
+        # at least two batches per thread, so that the threads finish together
+        batch_size = max(16, min(batch_size, -(-S // (2 * n_threads))))
+
+    def run_batch(b0):
+        """Fit the spectra of one batch; disjoint rows of ``out``."""
         sl = slice(b0, min(S, b0 + batch_size))
         # Ranking the shared starting points needs chi2 better than a float32 Q gives.
         exact_grid = (not per_spectrum and not optimise_all and n_optimise < len(starts)
@@ -1426,6 +1436,17 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             extra[np.all(np.abs(xb - x0[pick]) <= 1e-10, axis=1)] |= F.AT_INITIAL_GUESS
             fl[ok] |= extra
         out["flags"][sl] = fl
-        if progress is not None:
-            progress(nb)
+        return nb
+
+    with contextlib.ExitStack() as stack:
+        if n_threads > 1:
+            # batches are independent: threads share them, each with a single-threaded BLAS
+            stack.enter_context(_blas_limit(1))
+            done = stack.enter_context(concurrent.futures.ThreadPoolExecutor(n_threads)).map(
+                run_batch, range(0, S, batch_size))
+        else:
+            done = map(run_batch, range(0, S, batch_size))
+        for nb in done:
+            if progress is not None:
+                progress(nb)
     return out

@@ -198,6 +198,20 @@ def test_sufficient_statistics_reproduce_direct_chi2(truth):
         np.testing.assert_allclose(grid[:, c], np.nansum(w * (model[c] - np.nan_to_num(flux)) ** 2, axis=1), rtol=1e-9)
 
 
+def test_threads_share_test_batches_without_changing_the_result(truth):
+    labels, flux, ivar = truth.sample(70)
+    flux[3] = np.nan  # a failed spectrum in one of the batches
+    starts = np.vstack([truth.fiducials, labels[:4]])
+    args = (truth.theta, truth.s2, truth.vectorizer, truth.fiducials, truth.scales, flux, ivar, starts)
+    done = []
+    one = label_spectra(*args, batch_size=20, n_threads=1)
+    two = label_spectra(*args, batch_size=20, n_threads=2, progress=done.append)
+    assert sum(done) == 70 and len(done) == 4
+    for key, value in one.items():
+        np.testing.assert_allclose(two[key], value, rtol=1e-12, atol=1e-14, err_msg=key)
+    assert one["flags"][3] != 0
+
+
 def test_batched_test_step_equals_reference_fit_spectrum(truth):
     labels, flux, ivar = truth.sample(12)
     starts = truth.fiducials[None, :]
