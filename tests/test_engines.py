@@ -199,14 +199,14 @@ def test_sufficient_statistics_reproduce_direct_chi2(truth):
 
 
 def test_threads_share_test_batches_without_changing_the_result(truth):
-    labels, flux, ivar = truth.sample(70)
+    labels, flux, ivar = truth.sample(300)
     flux[3] = np.nan  # a failed spectrum in one of the batches
     starts = np.vstack([truth.fiducials, labels[:4]])
     args = (truth.theta, truth.s2, truth.vectorizer, truth.fiducials, truth.scales, flux, ivar, starts)
     done = []
-    one = label_spectra(*args, batch_size=20, n_threads=1)
-    two = label_spectra(*args, batch_size=20, n_threads=2, progress=done.append)
-    assert sum(done) == 70 and len(done) == 4
+    one = label_spectra(*args, n_threads=1, batch_size=128)
+    two = label_spectra(*args, n_threads=2, progress=done.append)
+    assert sum(done) == 300 and len(done) == 3  # batches of 128
     for key, value in one.items():
         np.testing.assert_allclose(two[key], value, rtol=1e-12, atol=1e-14, err_msg=key)
     assert one["flags"][3] != 0
