@@ -114,6 +114,22 @@ def test_estimate_s2_is_unbiased_over_many_pixels():
     assert np.median(zero) == 0.0 and np.sqrt(np.mean(zero)) < 0.3 * s
 
 
+def test_estimate_s2_solves_the_moment_equation_from_any_start():
+    rng = np.random.default_rng(6)
+    n, P = 300, 50
+    sigma = rng.uniform(0.005, 0.02, size=(n, P))
+    r2 = (rng.normal(size=(n, P)) * np.sqrt(sigma**2 + rng.uniform(0, 0.02, P) ** 2)) ** 2
+    ivar = 1 / sigma**2
+    ivar[rng.random((n, P)) < 0.05] = 0.0  # masked stars do not count
+    dof = 10
+    est = estimate_s2(np.where(ivar > 0, r2, 0.0), ivar, dof)
+    for start in (np.zeros(P), 10 * est + 1e-4):  # left and right of the root
+        np.testing.assert_allclose(estimate_s2(r2, ivar, dof, s2_start=start), est, rtol=1e-7, atol=1e-14)
+    pos = est > 0
+    lhs = np.sum(np.where(ivar > 0, r2 * ivar / (1 + ivar * est), 0.0), axis=0)
+    np.testing.assert_allclose(lhs[pos], (ivar > 0).sum(axis=0)[pos] - dof, rtol=1e-6)
+
+
 def test_fit_spectrum_recovers_truth_with_physical_covariance(truth):
     labels, flux, ivar = truth.sample(1, snr=(100, 100))
     got, cov, meta = fit_spectrum(flux[0], ivar[0], truth.fiducials, truth.vectorizer, truth.theta, truth.s2,
