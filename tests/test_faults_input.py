@@ -173,4 +173,6 @@ def test_an_unreadable_file_does_not_change_the_labels_of_other_spectra_in_its_c
     rows = _rows()
     for k in ("0", "6"):
         a, b = rows[f"f32-{k}"], rows[f"f64-{k}"]
-        assert np.allclose([a["teff"], a["logg"]], [b["teff"], b["logg"]], rtol=1e-9), (a["teff"], b["teff"])
+        # Floating-point agreement: the two chunks batch different numbers of spectra, and the
+        # BLAS rounds a product of 2 rows differently from one of 8 (seen up to 2e-9 relative).
+        assert np.allclose([a["teff"], a["logg"]], [b["teff"], b["logg"]], rtol=1e-8), (a["teff"], b["teff"])
