@@ -180,7 +180,8 @@ def theta_pairs_for(owner, theta, max_bytes=None):
     if P * K * (K + 1) // 2 * dtype.itemsize > limit:
         return None
     kept = getattr(owner, "_theta_pairs", None)
-    if kept is not None and kept[0].shape == theta.shape and np.array_equal(kept[0], theta):
+    if (kept is not None and kept[1].dtype == dtype and kept[0].shape == theta.shape
+            and np.array_equal(kept[0], theta)):
         return kept[1]
     pairs = _pairs_table(theta, dtype)
     owner._theta_pairs = (theta.copy(), pairs)
@@ -1402,6 +1403,7 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             nfev_total = nfev.reshape(ok.size, k).sum(axis=1)
             ier_b = ier[pick]
             ok_rows = ok
+            single = stats.single
             if stats.single:
                 stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok_rows, nfev_total, ier_b,
                                                              max_iterations)
@@ -1434,7 +1436,16 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             extra = np.zeros(ok.size, dtype=np.int64)
             extra[~np.all(np.isfinite(cov), axis=(1, 2))] |= F.NONFINITE_COVARIANCE
             extra[(ier_b == 5) | ~np.isfinite(chib)] |= F.OPTIMIZER_FAILED
-            extra[np.all(np.abs(xb - x0[pick]) <= 1e-10, axis=1)] |= F.AT_INITIAL_GUESS
+            # A fit that never moved: to the last digit, or on the single-precision path (whose
+            # float32 optimum and float64 polish shift even a start at the optimum by ~1e-5 sigma)
+            # to within 1e-4 of its uncertainty.
+            step = np.abs(xb - x0[pick])
+            if single:
+                with np.errstate(invalid="ignore"):
+                    unmoved = np.all(step <= 1e-4 * np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), axis=1)
+            else:
+                unmoved = np.all(step <= 1e-10, axis=1)
+            extra[unmoved] |= F.AT_INITIAL_GUESS
             fl[ok] |= extra
         out["flags"][sl] = fl
         return nb

@@ -333,3 +333,18 @@ def test_model_noise_correction_is_not_applied_where_the_model_noise_dominates()
     rms = lambda x: np.sqrt(np.mean(((x - test_labels) / model.scales) ** 2))  # noqa: E731
     # never the runaway fits an over-large correction would give
     assert rms(guarded) < 1.5 * rms(plain)
+
+
+def test_a_fit_that_never_moves_is_flagged_at_initial_guess_on_the_single_precision_path(trained, monkeypatch):
+    from astra_cannon import engines
+
+    model, truth = trained
+    monkeypatch.setattr(engines, "_SINGLE_PRECISION_MIN_TERMS", 1)  # float32 Q and the float64 polish
+    _, flux, ivar = truth.sample(3)
+    best, _, _ = model.test(flux, ivar, model_uncertainty=False)
+    assert model._theta_pairs[1].dtype == np.float32
+    again, cov, meta = model.test(flux, ivar, initial_labels=best[:, None, :], model_uncertainty=False)
+    assert all(m["flags"] & F.AT_INITIAL_GUESS for m in meta)
+    assert np.all(np.abs(again - best) <= 1e-4 * np.sqrt(np.diagonal(cov, axis1=1, axis2=2)))
+    moved, _, meta = model.test(flux, ivar, model_uncertainty=False)
+    assert not any(m["flags"] & F.AT_INITIAL_GUESS for m in meta)
