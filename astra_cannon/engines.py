@@ -15,7 +15,10 @@ so the heavy work is one BLAS call per block instead of a Python loop over pixel
   matrix ``J^T W J = D^T Q D`` is exact, so the covariance equals leastsq's ``cov_x``.
   From 28 terms up ``Q`` is built from float32 products (half the time of the step's largest
   cost) and each fit is polished with the residual and chi2 computed in float64 at its
-  optimum, which restores the float64 labels (to ~1e-5 sigma) and chi2.
+  optimum, which restores the float64 labels (to ~1e-5 sigma) and chi2. Without the
+  model-noise pass such models skip ``Q`` altogether: their statistics are the coefficients of
+  chi2 as a polynomial in the labels (:mod:`astra_cannon.monomials`, 2.5x fewer numbers at 17
+  labels), optimised with its exact gradient and Hessian (:func:`_polynomial_fit`).
 
 Nothing here reads files or databases.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import time
 
 import numpy as np
@@ -31,6 +35,7 @@ from threadpoolctl import ThreadpoolController
 
 from . import flags as F
 from .fitting import _s2_newton
+from .monomials import MonomialBasis
 
 __all__ = ["khatri_rao_upper", "merge_equal_columns", "solve_normal_equations_cg", "unpack_symmetric", "train_pixels",
            "SpectrumStatistics", "label_spectra", "theta_pairs_for"]
@@ -164,12 +169,37 @@ def _single_precision(K):
     return K >= _SINGLE_PRECISION_MIN_TERMS
 
 
-def theta_pairs_for(owner, theta, max_bytes=None):
+@functools.lru_cache(maxsize=8)
+def _basis(n_labels, terms):
+    from .vectorizer import PolynomialVectorizer
+
+    return MonomialBasis(PolynomialVectorizer([f"x{i}" for i in range(n_labels)], terms=list(terms[1:])))
+
+
+def monomial_basis_for(vectorizer, n_pixels, theta_cov=None):
+    """The :class:`~astra_cannon.monomials.MonomialBasis` the test step uses, or None.
+
+    Used for single-precision models (:func:`_single_precision`) without the model-noise pass
+    whose terms include every label linearly and whose float32 monomial table fits in
+    ``_PAIRS_KEEP_BYTES``: their statistics are 2.5x smaller (17 labels) than the pairs of
+    ``Q`` and the fit runs on the objective's polynomial (:func:`_polynomial_fit`).
+    """
+    K = vectorizer.n_terms
+    if theta_cov is not None or not _single_precision(K) or not MonomialBasis.applies_to(vectorizer):
+        return None
+    basis = _basis(vectorizer.n_labels, tuple(vectorizer.terms))
+    if n_pixels * basis.n_monomials * 4 > _PAIRS_KEEP_BYTES:
+        return None
+    return basis
+
+
+def theta_pairs_for(owner, theta, max_bytes=None, basis=None):
     """The Khatri-Rao table of ``theta`` for the test step, kept on ``owner`` between calls.
 
     Building it costs as much as the test step of ~100 spectra at 17 labels, so a model keeps
     it (attribute ``_theta_pairs``) while ``theta`` is unchanged (compared in full on every
-    call, so an edited theta is never paired with a stale table). Returns None, keeping
+    call, so an edited theta is never paired with a stale table). With ``basis`` (see
+    :func:`monomial_basis_for`) the table is the merged one, ``basis.table(theta)``. Returns None, keeping
     nothing, when the table would exceed ``max_bytes`` (default ``_PAIRS_KEEP_BYTES``);
     the test step then builds it block by block.
     """
@@ -177,13 +207,14 @@ def theta_pairs_for(owner, theta, max_bytes=None):
     P, K = theta.shape
     dtype = np.dtype(np.float32 if _single_precision(K) else np.float64)
     limit = _PAIRS_KEEP_BYTES if max_bytes is None else max_bytes
-    if P * K * (K + 1) // 2 * dtype.itemsize > limit:
+    width = K * (K + 1) // 2 if basis is None else basis.n_monomials
+    if P * width * dtype.itemsize > limit:
         return None
     kept = getattr(owner, "_theta_pairs", None)
-    if (kept is not None and kept[1].dtype == dtype and kept[0].shape == theta.shape
-            and np.array_equal(kept[0], theta)):
+    if (kept is not None and kept[1].dtype == dtype and kept[1].shape[1] == width
+            and kept[0].shape == theta.shape and np.array_equal(kept[0], theta)):
         return kept[1]
-    pairs = _pairs_table(theta, dtype)
+    pairs = _pairs_table(theta, dtype) if basis is None else basis.table(theta, dtype)
     owner._theta_pairs = (theta.copy(), pairs)
     return pairs
 
@@ -791,8 +822,9 @@ class SpectrumStatistics:
     _BLOCK_ARRAY_BYTES = 512 * 2**10
 
     def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None,
-                 summaries=True, candidates=None):
+                 summaries=True, candidates=None, merged=False):
         self._flux, self._ivar = np.asarray(flux), np.asarray(ivar)
+        self.merged = merged
         S, P = self._flux.shape
         s2 = np.asarray(s2, dtype=float)
         self._alive = np.isfinite(s2)
@@ -889,7 +921,7 @@ class SpectrumStatistics:
 
     def _start(self, S, with_g):
         Kt = self.K * (self.K + 1) // 2
-        self._Qf = np.zeros((S, Kt))
+        self._Qf = np.zeros((S, self._pairs.shape[1] if getattr(self, "merged", False) else Kt))
         self.c = np.zeros((S, self.K))
         self.e = np.zeros(S)
         self._Gf = np.zeros((S, Kt)) if with_g else None
@@ -921,6 +953,11 @@ class SpectrumStatistics:
         return w
 
     def _finish(self):
+        if getattr(self, "merged", False):
+            # pair sums per monomial (see astra_cannon.monomials); no K x K matrices
+            self.q, self.Q, self.Qfit, self.G = self._Qf, None, None, None
+            del self._Qf, self._Gf
+            return
         self.Q = unpack_symmetric(self._Qf, self.K)
         self.Qfit = self.Q
         self.G = None
@@ -1010,6 +1047,17 @@ class SpectrumStatistics:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         rows = np.asarray(rows)
+        resid, chi = self.exact_residual(rows, vectors)
+        Qv = _grouped_products(self.Q, rows, vectors[:, None, :])[:, 0, :]
+        new.c, new.e = self.c.copy(), self.e.copy()
+        new.c[rows] = Qv - resid
+        new.e[rows] = chi - np.einsum("ri,ri->r", vectors, Qv) + 2 * np.einsum("ri,ri->r", vectors, new.c[rows])
+        return new
+
+    def exact_residual(self, rows, vectors):
+        """``Theta^T W (Theta v - f)`` (R, K) and chi2 (R,) of spectra ``rows`` at label vectors
+        ``vectors`` (R, K), in float64 pixel by pixel (no ``Q``): exact where ``Q`` is not."""
+        rows = np.asarray(rows)
         R, K, P = len(rows), self.K, self._flux.shape[1]
         resid = np.zeros((R, K))
         chi = np.zeros(R)
@@ -1026,11 +1074,7 @@ class SpectrumStatistics:
             wb *= mb
             resid += wb @ theta
         del self._bad
-        Qv = _grouped_products(self.Q, rows, vectors[:, None, :])[:, 0, :]
-        new.c, new.e = self.c.copy(), self.e.copy()
-        new.c[rows] = Qv - resid
-        new.e[rows] = chi - np.einsum("ri,ri->r", vectors, Qv) + 2 * np.einsum("ri,ri->r", vectors, new.c[rows])
-        return new
+        return resid, chi
 
     def chi2(self, v, rows, corrected=True):
         """chi2 of label vectors ``v`` (R, K) against spectra ``rows`` (R,).
@@ -1078,7 +1122,8 @@ def _grouping(rows):
 
 
 def _grouped(Q, grouping, Xt):
-    """``Xt[i] @ Q[rows[i]]`` for every row ``i`` (R, m, K) with ``grouping = _grouping(rows)``."""
+    """``Xt[i] @ Q[rows[i]]`` for every row ``i`` (R, m, K) with ``grouping = _grouping(rows)``;
+    ``Q`` is (n, K, K') for any K'."""
     uniq, idx, width, in_place = grouping
     R, m, K = Xt.shape
     Qu = Q if uniq.size == len(Q) else Q[uniq]
@@ -1087,7 +1132,7 @@ def _grouped(Q, grouping, Xt):
     else:
         Z = np.zeros((uniq.size * width, m, K), dtype=Xt.dtype)
         Z[idx] = Xt
-    out = (Z.reshape(uniq.size, width * m, K) @ Qu).reshape(uniq.size * width, m, K)
+    out = (Z.reshape(uniq.size, width * m, K) @ Qu).reshape(uniq.size * width, m, Qu.shape[-1])
     return out if in_place else out[idx]
 
 
@@ -1103,7 +1148,7 @@ def _grouped_products(Q, rows, Xt):
     return _grouped(Q, _grouping(rows), Xt)
 
 
-def _merged_starts(rows, x, V, QV, c, H, finished, tolerance=1.0):
+def _merged_starts(rows, x, H, finished, objective, tolerance=1.0):
     """Rows that have reached another start of the same spectrum: within ``tolerance`` in
     ``(x - x')^T H (x - x')`` (chi2 units: 1 is one sigma) and with the larger objective.
 
@@ -1111,7 +1156,8 @@ def _merged_starts(rows, x, V, QV, c, H, finished, tolerance=1.0):
     three default starts of every spectrum of the benchmark workloads end at one optimum;
     this saves 40 % of the evaluations at 17 labels). The continued row ends with an objective
     no higher than the merged one's, and on a tie it is the earlier row, so picking the
-    lowest chi2 never picks a merged row. Returns their indices, or None.
+    lowest chi2 never picks a merged row. ``objective(k)``: the objective of rows ``k`` (up to
+    a constant per spectrum). Returns their indices, or None.
     """
     live = np.flatnonzero(~finished)
     if live.size < 2:
@@ -1128,9 +1174,29 @@ def _merged_starts(rows, x, V, QV, c, H, finished, tolerance=1.0):
     if not close.any():
         return None
     i, j = i[close], j[close]
-    # objective up to the common constant e: v^T Q v - 2 v^T c
-    obj = lambda k: np.einsum("ri,ri->r", V[k], QV[k] - 2 * c[k])  # noqa: E731
-    return np.unique(np.where(obj(i) <= obj(j), j, i))
+    return np.unique(np.where(objective(i) <= objective(j), j, i))
+
+
+def _damped_step(H, g, lam, chi2_atol):
+    """Levenberg-Marquardt steps ``(H + lam |diag H|)^-1 g`` for a stack of rows, and their
+    status: 1 where already at the optimum (the undamped decrement ``g^T H^-1 g``, the chi2 a
+    full step would gain, is below ``chi2_atol``), else 0. One batched solve for both."""
+    n, L = g.shape
+    eye = np.eye(L)
+    dH = np.abs(np.einsum("rll->rl", H))
+    A = H + lam[:, None, None] * (dH[:, :, None] * eye + 1e-12 * eye)
+    sol = _solve_spd(np.concatenate([A, H + 1e-12 * eye]), np.concatenate([g, g]))
+    status = np.zeros(n, dtype=int)
+    status[np.abs(np.einsum("rl,rl->r", g, sol[n:])) <= chi2_atol] = 1
+    return sol[:n], status
+
+
+def _after_trial(lam, status, go, ok, change, chi2_atol):
+    """Damping and status of rows ``go`` after their trial steps (``ok``: accepted; ``change``:
+    chi2 change): an accepted step that gained less than ``chi2_atol`` ends a row (1), a
+    damping grown past 1e10 too (4)."""
+    lam[go] = np.where(ok, np.maximum(lam[go] * 0.1, 1e-12), lam[go] * 10.0)
+    status[go] = np.where(ok & (change >= -chi2_atol), 1, np.where(lam[go] > 1e10, 4, 0))
 
 
 def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_atol=1e-10):
@@ -1162,7 +1228,6 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
     QV_out = np.zeros((R, K))
     nfev = np.ones(R, dtype=int)
     ier = np.zeros(R, dtype=int)
-    eye = np.eye(L)
     # working stacks of Q (and its float32 copy) and each row's matrix in them
     Qw, rw = stats.Qfit, np.asarray(rows)
     Qw32 = stats.Qfit.astype(np.float32) if getattr(stats, "single", False) else None
@@ -1185,38 +1250,30 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
     for _ in range(max_iterations):
         if a.size == 0:
             break
-        n = a.size
         u = QVa - ca
         # J^T W J, the exact Gauss-Newton matrix (in QD's precision)
         H = (DTa.astype(QDa.dtype, copy=False) @ np.transpose(QDa, (0, 2, 1))).astype(np.float64, copy=False)
         g = (DTa @ u[:, :, None])[:, :, 0]  # J^T W r
-        dH = np.einsum("rll->rl", H)
-        A = H + lam[:, None, None] * (dH[:, :, None] * eye + 1e-12 * eye)
-        # The damped step and the undamped Gauss-Newton decrement g^T H^-1 g (the chi2 a full
-        # step would gain) from one batched solve.
-        sol = _solve_spd(np.concatenate([A, H + 1e-12 * eye]), np.concatenate([g, g]))
-        status = np.zeros(n, dtype=int)
-        # Already at the optimum: stop without moving.
-        at_optimum = np.abs(np.einsum("rl,rl->r", g, sol[n:])) <= chi2_atol
-        status[at_optimum] = 1
-        go = np.flatnonzero(~at_optimum)
+        step, status = _damped_step(H, g, lam, chi2_atol)
+        go = np.flatnonzero(status == 0)
         if go.size:
-            x_try = xa[go] - sol[go]
+            x_try = xa[go] - step[go]
             V_try = vectorizer._vector_rows(x_try)
             DT_try = vectorizer._derivative_rows(x_try, V_try, transposed=True)
             QD_try, QV_try = products(rw[go], DT_try, V_try)
             change = np.einsum("ri,ri->r", V_try - Va[go], QV_try - ca[go] + u[go])
             nfev[a[go]] += 1
             ok = np.isfinite(change) & (change <= 0)
-            if go.size == n and ok.all():
+            if go.size == a.size and ok.all():
                 xa, Va, DTa, QDa, QVa = x_try, V_try, DT_try, QD_try, QV_try
             else:
                 k = go[ok]
                 xa[k], Va[k], DTa[k], QDa[k], QVa[k] = x_try[ok], V_try[ok], DT_try[ok], QD_try[ok], QV_try[ok]
-            lam[go] = np.where(ok, np.maximum(lam[go] * 0.1, 1e-12), lam[go] * 10.0)
-            status[go] = np.where(ok & (change >= -chi2_atol), 1, np.where(lam[go] > 1e10, 4, 0))
+            _after_trial(lam, status, go, ok, change, chi2_atol)
         finished = status != 0
-        merged = _merged_starts(rw, xa, Va, QVa, ca, H, finished)
+        # objective up to the common constant e: v^T Q v - 2 v^T c
+        merged = _merged_starts(rw, xa, H, finished,
+                                lambda k: np.einsum("ri,ri->r", Va[k], QVa[k] - 2 * ca[k]))
         if merged is not None:
             status[merged] = 6
             finished[merged] = True
@@ -1239,6 +1296,148 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
     return x_out, chi, nfev, ier
 
 
+def _stacked(stack, rows, X):
+    """``X[i] @ stack[rows[i]]`` for every row ``i`` (X: (R, n), stack: (S, n, k)) -> (R, k).
+
+    Rows of one spectrum are stacked side by side against the whole stack (unused spectra get
+    zero rows), so no per-spectrum matrix is ever copied: gathering ``stack[rows]`` moves more
+    memory than the products cost.
+    """
+    R, n = X.shape
+    S = len(stack)
+    _, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    order = np.argsort(rows, kind="stable")
+    slot = np.empty(R, dtype=np.intp)
+    starts = np.cumsum(counts) - counts
+    slot[order] = np.arange(R) - np.repeat(starts, counts)
+    width = int(counts.max())
+    Z = np.zeros((S * width, n), dtype=X.dtype)
+    pos = np.asarray(rows) * width + slot
+    Z[pos] = X
+    return (Z.reshape(S, width, n) @ stack).reshape(S * width, -1)[pos]
+
+
+def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10):
+    """Levenberg-Marquardt on ``chi2(x) = sum_m a[s, m] x^m`` for (spectrum, start) rows.
+
+    The objective of spectrum ``s`` is the explicit polynomial of :mod:`astra_cannon.monomials`
+    (coefficients ``a``, shape (S, M)); its gradient and *exact* Hessian are linear maps of
+    ``a`` evaluated at monomials of lower degree, so an iteration never touches a K x K matrix.
+    Conventions follow :func:`_levenberg_marquardt` (chi2 units, ``ier`` 1, 4, 5, 6, merged
+    starts); the damping scales with ``|diag H|`` since far from the optimum the exact Hessian
+    may be indefinite, and a step's chi2 change is computed from monomial differences
+    (:meth:`~astra_cannon.monomials.MonomialBasis.differences`), free of cancellation.
+
+    Returns
+    -------
+    x : (R, L); chi2 : (R,) the polynomial at x; nfev, ier : (R,) int
+    """
+    R, L = x0.shape
+    rows = np.asarray(rows)
+    gi, hi = basis.grad_monomials, basis.hess_monomials
+    # per-spectrum coefficient stacks (spectra without rows are dropped first)
+    used, rw = np.unique(rows, return_inverse=True)
+    a = a[used]
+    # The Hessian only steers the steps (the gradient and each step's chi2 change are float64):
+    # float32 halves the largest stack read every iteration.
+    Gc = basis.gradient_coefficients(a)
+    Hc = basis.hessian_coefficients(a, dtype=np.float32)
+
+    def derivatives(rw_, U):
+        g = 0.5 * _stacked(Gc, rw_, U[:, gi])
+        H = 0.5 * basis.unpack_hessian(_stacked(Hc, rw_, U[:, hi].astype(np.float32)).astype(np.float64))
+        return g, H
+
+    x_out, chi_out = x0.copy(), np.zeros(R)
+    nfev = np.ones(R, dtype=int)
+    ier = np.zeros(R, dtype=int)
+    idx = np.arange(R)
+    xa = x0.copy()
+    Ua = basis.values(xa)
+    obj = np.einsum("rm,rm->r", a[rw], Ua)
+    g, H = derivatives(rw, Ua)
+    lam = np.full(R, 1e-4)
+    for _ in range(max_iterations):
+        if idx.size == 0:
+            break
+        step, status = _damped_step(H, g, lam, chi2_atol)
+        go = np.flatnonzero(status == 0)
+        if go.size:
+            x_try = xa[go] - step[go]
+            dU, U_try = basis.differences(Ua[go], xa[go], x_try)
+            change = np.einsum("rm,rm->r", a[rw[go]], dU)
+            nfev[idx[go]] += 1
+            ok = np.isfinite(change) & (change <= 0)
+            k = go[ok]
+            if k.size:
+                xa[k], Ua[k] = x_try[ok], U_try[ok]
+                obj[k] += change[ok]
+                g[k], H[k] = derivatives(rw[k], Ua[k])
+            _after_trial(lam, status, go, ok, change, chi2_atol)
+        finished = status != 0
+        merged = _merged_starts(rw, xa, H, finished, lambda k_: obj[k_])
+        if merged is not None:
+            status[merged] = 6
+            finished[merged] = True
+        if finished.any():
+            f = np.flatnonzero(finished)
+            x_out[idx[f]], chi_out[idx[f]], ier[idx[f]] = xa[f], obj[f], status[f]
+            keep = ~finished
+            idx, xa, Ua, obj, g, H, lam, rw = (arr[keep] for arr in (idx, xa, Ua, obj, g, H, lam, rw))
+            live = np.unique(rw)
+            if live.size and live.size < len(Gc) // 2:
+                # keep the coefficient stacks compact as spectra finish
+                Gc, Hc, a = Gc[live], Hc[live], a[live]
+                rw = np.searchsorted(live, rw)
+    if idx.size:
+        x_out[idx], chi_out[idx], ier[idx] = xa, obj, 5
+    return x_out, chi_out, nfev, ier
+
+
+def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations):
+    """The whole fit on merged (single-precision) statistics: optimise, polish, covariance.
+
+    1. Levenberg-Marquardt on the float32-built polynomial from every start;
+    2. at the best optimum of each spectrum, the exact residual ``u = Theta^T W (Theta v - f)``
+       and chi2 (float64, pixel by pixel) give the exact value and gradient there, which a
+       linear correction of the polynomial restores; a few more iterations reach the float64
+       optimum (``Q``'s float32 error then enters only to second order, ~1e-5 sigma);
+    3. at that optimum a last exact pass gives chi2 and ``u``, and the Gauss-Newton matrix
+       ``D^T Q D = H / 2 - sum_k u_k d2 v_k`` (``H`` the exact Hessian) gives the covariance.
+
+    Returns the index of the winning start of each spectrum, labels, chi2, covariance (scaled
+    units), nfev and ier, one row per spectrum of ``np.unique(rows)`` (in that order).
+    """
+    a = basis.coefficients(stats.q, stats.c, stats.e)
+    # The polish moves every fit anyway: the search only needs to find the right basin and
+    # come within ~1e-3 sigma (a chi2 gain of 1e-6) of its float32 optimum.
+    x, chi, nfev, ier = _polynomial_lm(basis, a, x0, rows, max_iterations=max_iterations, chi2_atol=1e-6)
+    spectra = np.unique(rows)
+    k = len(rows) // len(spectra)
+    chi_r = np.where(np.isfinite(chi), chi, np.inf).reshape(len(spectra), k)
+    pick = np.arange(len(spectra)) * k + np.argmin(chi_r, axis=1)
+    xb, nfev_b, ier_b = x[pick], nfev.reshape(len(spectra), k).sum(axis=1), ier[pick]
+    # 2. polish: the polynomial corrected to be exact (value, gradient) at xb
+    u, chi_exact = stats.exact_residual(spectra, vectorizer._vector_rows(xb))
+    a = a[spectra]
+    g_exact = 2.0 * np.einsum("rkl,rk->rl", vectorizer._derivative_rows(xb), u)
+    Ub = basis.values(xb)
+    g_poly = np.einsum("rgl,rg->rl", basis.gradient_coefficients(a), Ub[:, basis.grad_monomials])
+    beta = g_exact - g_poly
+    a[:, basis.linear_index] += beta
+    a[:, 0] += chi_exact - np.einsum("rm,rm->r", a, Ub)
+    own = np.arange(len(spectra))
+    x2, _, nfev2, ier2 = _polynomial_lm(basis, a, xb, own, max_iterations=max_iterations)
+    ier_b = np.where(ier2 == 1, ier_b, ier2)
+    # 3. exact chi2 and Gauss-Newton matrix at the final labels
+    u, chi_final = stats.exact_residual(spectra, vectorizer._vector_rows(x2))
+    au = np.zeros_like(a)
+    au[:, basis.term_index] = u
+    H = 0.5 * basis.hessian(a, x2) - basis.hessian(au, x2)
+    H = 0.5 * (H + np.transpose(H, (0, 2, 1)))
+    return pick, x2, chi_final, _inverse_or_nan(H), nfev_b + nfev2, ier_b
+
+
 def _polish(stats, vectorizer, x, rows, nfev, ier, max_iterations):
     """Refit from ``x`` on :meth:`SpectrumStatistics.polished` statistics (float64-exact there).
 
@@ -1251,9 +1450,51 @@ def _polish(stats, vectorizer, x, rows, nfev, ier, max_iterations):
     return stats, x, chi, nfev + nfev_p, np.where(ier_p == 1, ier, ier_p)
 
 
+def _fit_with_q(stats, vectorizer, x0, rows, ok, k, theta_cov, max_iterations):
+    """The whole fit on ``Q`` statistics: Levenberg-Marquardt from every start, the best of
+    each spectrum polished (single precision) and refined with the model's noise (with
+    ``theta_cov``), then the covariance. Returns what :func:`_polynomial_fit` returns, plus
+    whether the statistics were single precision."""
+    with _small_matrix_blas():
+        x, chi, nfev, ier = _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=max_iterations)
+    chi_r = np.where(np.isfinite(chi), chi, np.inf).reshape(ok.size, k)
+    best = np.argmin(chi_r, axis=1)
+    pick = np.arange(ok.size) * k + best
+    xb, chib = x[pick], chi[pick]
+    nfev_total = nfev.reshape(ok.size, k).sum(axis=1)
+    ier_b = ier[pick]
+    ok_rows = ok
+    single = stats.single
+    if stats.single:
+        stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok_rows, nfev_total, ier_b,
+                                                     max_iterations)
+    if theta_cov is not None:
+        # Second pass: add the model's variance at the first optimum to the noise.
+        stats = stats.refined(ok, vectorizer._vector_rows(xb), theta_cov)
+        ok_rows = np.arange(ok.size)
+        with _small_matrix_blas():
+            stats.limit_correction(vectorizer, xb)
+            xb, chib, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok_rows,
+                                                          max_iterations=max_iterations)
+        nfev_total = nfev_total + nfev2
+        if stats.single:
+            stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok_rows, nfev_total,
+                                                         ier_b, max_iterations)
+        # Report the plain chi2 (noise + model variance), not the corrected objective.
+        chib = stats.chi2(vectorizer._vector_rows(xb), ok_rows, corrected=False)
+    with _small_matrix_blas():
+        cov = _covariance(stats, vectorizer, xb, ok_rows)
+    return pick, xb, chib, cov, nfev_total, ier_b, single
+
+
 def _covariance(stats, vectorizer, x, rows):
     """``(D^T Q D)^-1`` at the optimum, in scaled label units; NaN where singular."""
     H, _ = _gauss_newton(stats.Q[rows], vectorizer, x)
+    return _inverse_or_nan(H)
+
+
+def _inverse_or_nan(H):
+    """Inverses of a stack of symmetric matrices; NaN where singular or not finite."""
     cov = np.full_like(H, np.nan)
     ok = np.all(np.isfinite(H), axis=(1, 2))
     if ok.any():
@@ -1350,6 +1591,11 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     K = theta.shape[1]
     pairs = theta_pairs
     dtype = np.dtype(np.float32 if _single_precision(K) else np.float64)
+    basis = monomial_basis_for(vectorizer, P, theta_cov)
+    if basis is not None and pairs is not None and pairs.shape[1] != basis.n_monomials:
+        basis = None  # the caller's full table of pairs: the K x K path
+    if basis is not None and pairs is None:
+        pairs = basis.table(theta)
     if pairs is None and P * K * (K + 1) // 2 * dtype.itemsize <= _PAIRS_CACHE_BYTES:
         pairs = _pairs_table(theta, dtype)
     if n_threads is None:
@@ -1366,7 +1612,8 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         exact_grid = (not per_spectrum and not optimise_all and n_optimise < len(starts)
                       and (pairs.dtype == np.float32 if pairs is not None else _single_precision(K)))
         grid_vectors = vectorizer._vector_rows((starts - fiducials) / scales) if exact_grid else None
-        stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, theta_pairs=pairs, candidates=grid_vectors)
+        stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, theta_pairs=pairs, candidates=grid_vectors,
+                                   merged=basis is not None)
         nb = sl.stop - sl.start
         n_pix = stats.n_pixels
         out["n_pixels"][sl] = n_pix
@@ -1381,7 +1628,10 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             cand = starts[sl][ok] if per_spectrum else np.broadcast_to(starts, (ok.size,) + starts.shape)
             C = cand.shape[1]
             xs = (cand - fiducials) / scales  # (n_ok, C, L)
-            if per_spectrum:
+            if basis is not None and stats.grid is None:
+                U = basis.values(xs.reshape(-1, L)).reshape(ok.size, C, -1)
+                chi_c = np.einsum("scm,sm->sc", U, basis.coefficients(stats.q[ok], stats.c[ok], stats.e[ok]))
+            elif per_spectrum:
                 V = vectorizer.get_label_vector(xs.reshape(-1, L)).T.reshape(ok.size, C, -1)
                 chi_c = np.einsum("sck,sck->sc", V, np.einsum("sij,scj->sci", stats.Qfit[ok], V)) \
                     - 2 * np.einsum("sck,sk->sc", V, stats.c[ok]) + stats.e[ok, None]
@@ -1394,35 +1644,14 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             rows = np.repeat(ok, k)
             which = order.reshape(-1)
             x0 = xs[np.repeat(np.arange(ok.size), k), which]
-            with _small_matrix_blas():
-                x, chi, nfev, ier = _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=max_iterations)
-            chi_r = np.where(np.isfinite(chi), chi, np.inf).reshape(ok.size, k)
-            best = np.argmin(chi_r, axis=1)
-            pick = np.arange(ok.size) * k + best
-            xb, chib = x[pick], chi[pick]
-            nfev_total = nfev.reshape(ok.size, k).sum(axis=1)
-            ier_b = ier[pick]
-            ok_rows = ok
-            single = stats.single
-            if stats.single:
-                stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok_rows, nfev_total, ier_b,
-                                                             max_iterations)
-            if theta_cov is not None:
-                # Second pass: add the model's variance at the first optimum to the noise.
-                stats = stats.refined(ok, vectorizer._vector_rows(xb), theta_cov)
-                ok_rows = np.arange(ok.size)
+            if basis is not None:
                 with _small_matrix_blas():
-                    stats.limit_correction(vectorizer, xb)
-                    xb, chib, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok_rows,
-                                                                  max_iterations=max_iterations)
-                nfev_total = nfev_total + nfev2
-                if stats.single:
-                    stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok_rows, nfev_total,
-                                                                 ier_b, max_iterations)
-                # Report the plain chi2 (noise + model variance), not the corrected objective.
-                chib = stats.chi2(vectorizer._vector_rows(xb), ok_rows, corrected=False)
-            with _small_matrix_blas():
-                cov = _covariance(stats, vectorizer, xb, ok_rows)
+                    pick, xb, chib, cov, nfev_total, ier_b = _polynomial_fit(stats, basis, vectorizer, x0, rows,
+                                                                            max_iterations)
+                single = True
+            else:
+                pick, xb, chib, cov, nfev_total, ier_b, single = _fit_with_q(
+                    stats, vectorizer, x0, rows, ok, k, theta_cov, max_iterations)
             idx = np.arange(sl.start, sl.stop)[ok]
             out["labels"][idx] = xb * scales + fiducials
             out["cov"][idx] = scales[None, :, None] * cov * scales[None, None, :]

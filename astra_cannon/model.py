@@ -14,7 +14,7 @@ import numpy as np
 
 from . import flags as F
 from .censoring import censor_mask, censored_terms, censors_to_json
-from .engines import label_spectra, theta_pairs_for, train_pixels
+from .engines import label_spectra, monomial_basis_for, theta_pairs_for, train_pixels
 from .fitting import jsonable
 from .vectorizer import PolynomialVectorizer
 
@@ -358,9 +358,11 @@ class CannonModel:
         Notes
         -----
         The first call builds the table of products of theta's columns that the test step
-        needs (``P K (K + 1) / 2`` numbers, float32 from 28 terms up: 0.5 GB and ~1 s for 17
-        labels at 8575 pixels) and the model keeps it for later calls while ``theta`` is
-        unchanged (up to 1.25 GB; larger tables are built per batch).
+        needs (``P K (K + 1) / 2`` numbers, float64 below 28 terms; from 28 terms up, without the
+        model-noise pass, the float32 table of distinct monomials, see
+        :mod:`astra_cannon.monomials`: 196 MB and ~2 s for 17 labels at 8575 pixels) and the
+        model keeps it for later calls while ``theta`` is unchanged (up to 1.25 GB; larger
+        tables are built per batch).
         """
         out = self.test_arrays(flux, ivar, initial_labels=initial_labels, n_init=n_init, n_optimise=n_optimise,
                                max_iterations=max_iterations, batch_size=batch_size,
@@ -394,10 +396,12 @@ class CannonModel:
                 starts = starts[None, :]
             if starts.shape[-1] != L or starts.ndim not in (2, 3) or (starts.ndim == 3 and starts.shape[0] != flux.shape[0]):
                 raise ValueError(f"initial_labels must have shape (L,), (C, L) or (S, C, L) with L = {L}, got {starts.shape}")
+        theta_cov = self.theta_cov if model_uncertainty else None
+        basis = monomial_basis_for(self.vectorizer, P, theta_cov)
         out = label_spectra(self.theta, self.s2, self.vectorizer, self.fiducials, self.scales, flux, ivar, starts,
                            n_optimise=n_optimise, optimise_all=optimise_all, max_iterations=max_iterations,
-                           batch_size=batch_size, theta_cov=self.theta_cov if model_uncertainty else None,
-                           progress=progress, theta_pairs=theta_pairs_for(self, self.theta))
+                           batch_size=batch_size, theta_cov=theta_cov, progress=progress,
+                           theta_pairs=theta_pairs_for(self, self.theta, basis=basis))
         ok = np.all(np.isfinite(out["labels"]), axis=1)
         if self.training_set_labels is not None and hull_tolerance is not None:
             lo = self.training_set_labels.min(axis=0)

@@ -260,6 +260,17 @@ def quartic():
     return model, t
 
 
+def _assert_same_fit(fit, double):
+    """Labels within 1e-4 sigma (the optimiser's own tolerance, chi2_atol = 1e-10, is ~1e-5
+    sigma), uncertainties within 1e-5 and correlations within 1e-5 of the float64 fit."""
+    sigma = np.sqrt(np.diagonal(double["cov"], axis1=1, axis2=2))
+    np.testing.assert_allclose((fit["labels"] - double["labels"]) / sigma, 0, atol=1e-4)
+    sigma_fit = np.sqrt(np.diagonal(fit["cov"], axis1=1, axis2=2))
+    np.testing.assert_allclose(sigma_fit, sigma, rtol=1e-5)
+    corr = lambda c, s: c / s[:, :, None] / s[:, None, :]  # noqa: E731
+    np.testing.assert_allclose(corr(fit["cov"], sigma_fit), corr(double["cov"], sigma), atol=1e-5)
+
+
 @pytest.mark.parametrize("model_noise", [False, True])
 def test_single_precision_q_gives_the_double_precision_fit(quartic, model_noise):
     from astra_cannon.engines import _pairs_table, _single_precision
@@ -273,13 +284,7 @@ def test_single_precision_q_gives_the_double_precision_fit(quartic, model_noise)
     kw = dict(theta_cov=model.theta_cov if model_noise else None)
     single = label_spectra(*args, theta_pairs=_pairs_table(model.theta, np.float32), **kw)
     double = label_spectra(*args, theta_pairs=_pairs_table(model.theta, np.float64), **kw)
-    sigma = np.sqrt(np.diagonal(double["cov"], axis1=1, axis2=2))
-    # within the optimiser's own tolerance (chi2_atol = 1e-10: ~1e-5 sigma)
-    np.testing.assert_allclose((single["labels"] - double["labels"]) / sigma, 0, atol=1e-4)
-    sigma_single = np.sqrt(np.diagonal(single["cov"], axis1=1, axis2=2))
-    np.testing.assert_allclose(sigma_single, sigma, rtol=1e-5)
-    corr = lambda c, s: c / s[:, :, None] / s[:, None, :]  # noqa: E731
-    np.testing.assert_allclose(corr(single["cov"], sigma_single), corr(double["cov"], sigma), atol=1e-5)
+    _assert_same_fit(single, double)
     # With the model noise, the weights depend on the first optimum, itself only fixed to the
     # optimiser's tolerance: chi2 then agrees to ~1e-7.
     np.testing.assert_allclose(single["chi2"], double["chi2"], rtol=1e-6 if model_noise else 1e-8)
@@ -329,3 +334,43 @@ def test_merged_starts_give_the_best_single_start_fit(truth):
     np.testing.assert_allclose((together["labels"] - labels) / sigma, 0, atol=1e-4)
     np.testing.assert_allclose(together["chi2"], chi.min(axis=0), rtol=1e-10)
     assert np.all(together["ier"] == 1)
+
+
+def test_monomial_path_gives_the_double_precision_fit(quartic):
+    """Models of 28+ terms without the model-noise pass fit on the objective's polynomial."""
+    from astra_cannon.engines import _pairs_table, monomial_basis_for
+
+    model, t = quartic
+    assert monomial_basis_for(model.vectorizer, model.theta.shape[0]) is not None
+    _, flux, ivar = t.sample(40)
+    args = (model.theta, model.s2, model.vectorizer, model.fiducials, model.scales, flux, ivar,
+            model.default_starts())
+    merged = label_spectra(*args)
+    double = label_spectra(*args, theta_pairs=_pairs_table(model.theta, np.float64))
+    _assert_same_fit(merged, double)
+    np.testing.assert_allclose(merged["chi2"], double["chi2"], rtol=1e-8)
+    assert np.all(merged["ier"] == 1) and np.all(merged["flags"] == 0)
+
+
+def test_monomial_path_equals_reference_fit_spectrum_for_a_28_term_quadratic():
+    rng = np.random.default_rng(5)
+    names = [f"L{i}" for i in range(6)]
+    vec = PolynomialVectorizer(names, 2)  # 28 terms: the single-precision path
+    P = 250
+    theta = np.zeros((P, vec.n_terms))
+    theta[:, 0] = 1.0
+    theta[:, 1:] = 0.02 * rng.normal(size=(P, vec.n_terms - 1))
+    fid, scl = np.zeros(6), np.ones(6)
+    x = 0.3 * rng.normal(size=(5, 6))
+    ivar = np.full((5, P), 100.0**2)
+    flux = (theta @ vec.get_label_vector(x)).T + rng.normal(size=(5, P)) / 100.0
+    ivar[:, ::37] = 0.0
+    s2 = np.zeros(P)
+    out = label_spectra(theta, s2, vec, fid, scl, flux, ivar, fid[None, :], optimise_all=True)
+    assert engines.monomial_basis_for(vec, P) is not None
+    for i in range(5):
+        lab, cov, meta = fit_spectrum(flux[i], ivar[i], fid[None, :], vec, theta, s2, fid, scl)
+        sigma = np.sqrt(np.diag(cov))
+        np.testing.assert_allclose((out["labels"][i] - lab) / sigma, 0, atol=1e-4)
+        np.testing.assert_allclose(np.sqrt(np.diag(out["cov"][i])), sigma, rtol=1e-4)
+        assert out["chi2"][i] == pytest.approx(meta["chi_sq"], rel=1e-8)

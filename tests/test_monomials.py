@@ -1,0 +1,99 @@
+"""The objective as an explicit polynomial (astra_cannon.monomials) against direct computations."""
+
+import numpy as np
+import pytest
+
+from astra_cannon.engines import khatri_rao_upper, unpack_symmetric
+from astra_cannon.monomials import MonomialBasis
+from astra_cannon.vectorizer import PolynomialVectorizer
+
+
+def _random_objective(rng, K, S):
+    B = rng.normal(size=(S, K, K))
+    Q = B @ np.transpose(B, (0, 2, 1)) + K * np.eye(K)
+    return Q, rng.normal(size=(S, K)), rng.uniform(10, 100, S)
+
+
+@pytest.mark.parametrize("n_labels, order", [(4, 2), (3, 3), (2, 4)])
+def test_polynomial_equals_the_quadratic_form_in_the_label_vector(n_labels, order):
+    rng = np.random.default_rng(0)
+    vec = PolynomialVectorizer([f"L{i}" for i in range(n_labels)], order)
+    basis = MonomialBasis(vec)
+    K = vec.n_terms
+    Q, c, e = _random_objective(rng, K, 5)
+    iu, ju = np.triu_indices(K)
+    q = np.zeros((5, basis.n_monomials))
+    np.add.at(q, (slice(None), basis.pair_group), Q[:, iu, ju] * basis.pair_weight)
+    a = basis.coefficients(q, c, e)
+    x = rng.uniform(-1, 1, (5, n_labels))
+    v = vec.get_label_vector(x).T
+    direct = np.einsum("si,sij,sj->s", v, Q, v) - 2 * np.einsum("si,si->s", v, c) + e
+    np.testing.assert_allclose(np.einsum("sm,sm->s", a, basis.values(x)), direct, rtol=1e-12)
+
+
+def test_seventeen_label_quadratic_has_the_distinct_quartic_monomials():
+    vec = PolynomialVectorizer([f"L{i}" for i in range(17)], 2)
+    basis = MonomialBasis(vec)
+    assert basis.n_monomials == 5985  # C(21, 4): 2.5x fewer than the 14706 pairs
+    assert len(basis.pair_group) == 14706
+
+
+def test_gradient_and_hessian_match_finite_differences():
+    rng = np.random.default_rng(1)
+    vec = PolynomialVectorizer(["A", "B", "C"], 3)
+    basis = MonomialBasis(vec)
+    a = rng.normal(size=(4, basis.n_monomials))
+    x = rng.uniform(-1, 1, (4, 3))
+    P = lambda z: np.einsum("sm,sm->s", a, basis.values(z))  # noqa: E731
+    Gc = basis.gradient_coefficients(a)
+    grad = np.einsum("sgl,sg->sl", Gc, basis.values(x)[:, basis.grad_monomials])
+    H = basis.hessian(a, x)
+    h = 1e-6
+    for l in range(3):
+        d = np.zeros(3)
+        d[l] = h
+        np.testing.assert_allclose(grad[:, l], (P(x + d) - P(x - d)) / (2 * h), rtol=1e-6, atol=1e-7)
+        g_plus = np.einsum("sgl,sg->sl", Gc, basis.values(x + d)[:, basis.grad_monomials])
+        g_minus = np.einsum("sgl,sg->sl", Gc, basis.values(x - d)[:, basis.grad_monomials])
+        np.testing.assert_allclose(H[:, :, l], (g_plus - g_minus) / (2 * h), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(H, np.transpose(H, (0, 2, 1)))
+
+
+def test_monomial_table_gives_the_pair_sums_of_theta_weighted_gram_matrix():
+    rng = np.random.default_rng(2)
+    vec = PolynomialVectorizer(["A", "B", "C", "D"], 2)
+    basis = MonomialBasis(vec)
+    theta = rng.normal(size=(70, vec.n_terms))
+    w = rng.uniform(0, 2, (3, 70))
+    T = basis.table(theta, dtype=np.float64, block=16)
+    Q = unpack_symmetric(w @ khatri_rao_upper(theta), vec.n_terms)
+    x = rng.uniform(-1, 1, (3, 4))
+    v = vec.get_label_vector(x).T
+    np.testing.assert_allclose(np.einsum("sm,sm->s", w @ T, basis.values(x)), np.einsum("si,sij,sj->s", v, Q, v),
+                               rtol=1e-12)
+
+
+def test_differences_keep_the_small_changes_of_large_coefficients():
+    rng = np.random.default_rng(3)
+    vec = PolynomialVectorizer(["A", "B", "C"], 2)
+    basis = MonomialBasis(vec)
+    x = rng.uniform(-1, 1, (6, 3))
+    x_new = x + 1e-9 * rng.normal(size=(6, 3))
+    dx = x_new - x  # the step as represented
+    U = basis.values(x)
+    dU, U_new = basis.differences(U, x, x_new)
+    np.testing.assert_array_equal(U_new, basis.values(x_new))
+    # to first order x'^m - x^m = grad(x^m) . dx: compare the quadratic and linear levels exactly
+    a = np.eye(basis.n_monomials)
+    Gc = basis.gradient_coefficients(a)  # one "spectrum" per monomial
+    grad = np.einsum("mgl,g->ml", Gc, U[0, basis.grad_monomials])
+    first_order = grad @ dx[0]
+    low = basis.exponents.sum(axis=1) <= 2  # exact differences: the large coefficients sit here
+    np.testing.assert_allclose(dU[0, low], first_order[low], rtol=1e-6, atol=1e-24)
+    # higher degrees: a plain difference, good to the rounding of the values (~1e-16)
+    np.testing.assert_allclose(dU[0], first_order, rtol=0, atol=1e-15)
+
+
+def test_basis_needs_every_label_linearly():
+    assert MonomialBasis.applies_to(PolynomialVectorizer(["A", "B"], 2))
+    assert not MonomialBasis.applies_to(PolynomialVectorizer(["A", "B"], terms="A + B^2"))
