@@ -1364,7 +1364,7 @@ def _stacked(stack, rows, X):
     return (Z.reshape(S, width, n) @ stack).reshape(S * width, -1)[pos]
 
 
-def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10):
+def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, single_gradient=False):
     """Levenberg-Marquardt on ``chi2(x) = sum_m a[s, m] x^m`` for (spectrum, start) rows.
 
     The objective of spectrum ``s`` is the explicit polynomial of :mod:`astra_cannon.monomials`
@@ -1374,6 +1374,10 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10):
     starts); the damping scales with ``|diag H|`` since far from the optimum the exact Hessian
     may be indefinite, and a step's chi2 change is computed from monomial differences
     (:meth:`~astra_cannon.monomials.MonomialBasis.differences`), free of cancellation.
+
+    ``single_gradient``: the gradient's coefficients in float32 too (half the memory they
+    take per iteration), for a search that is polished afterwards: its ~1e-7 relative error
+    moves the optimum by ~1e-5 sigma.
 
     Returns
     -------
@@ -1388,12 +1392,15 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10):
     # The Hessian only steers the steps (the gradient and each step's chi2 change are float64):
     # float32 halves the largest stack read every iteration.
     Gc = basis.gradient_coefficients(a)
+    if single_gradient:
+        Gc = Gc.astype(np.float32)
     Hc = basis.hessian_coefficients(a, dtype=np.float32)
 
-    def derivatives(rw_, U):
-        g = 0.5 * _stacked(Gc, rw_, U[:, gi])
-        H = 0.5 * basis.unpack_hessian(_stacked(Hc, rw_, U[:, hi].astype(np.float32)).astype(np.float64))
-        return g, H
+    def gradient(rw_, U):
+        return 0.5 * _stacked(Gc, rw_, U[:, gi].astype(Gc.dtype)).astype(np.float64)
+
+    def hessian(rw_, U):
+        return 0.5 * basis.unpack_hessian(_stacked(Hc, rw_, U[:, hi].astype(np.float32)).astype(np.float64))
 
     x_out, chi_out = x0.copy(), np.zeros(R)
     nfev = np.ones(R, dtype=int)
@@ -1402,7 +1409,7 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10):
     xa = x0.copy()
     Ua = basis.values(xa)
     obj = np.einsum("rm,rm->r", a[rw], Ua)
-    g, H = derivatives(rw, Ua)
+    g, H = gradient(rw, Ua), hessian(rw, Ua)
     lam = np.full(R, 1e-4)
     for _ in range(max_iterations):
         if idx.size == 0:
@@ -1419,7 +1426,12 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10):
             if k.size:
                 xa[k], Ua[k] = x_try[ok], U_try[ok]
                 obj[k] += change[ok]
-                g[k], H[k] = derivatives(rw[k], Ua[k])
+                g[k] = gradient(rw[k], Ua[k])
+                # The Hessian is refreshed after steps that gained more than 0.01 in chi2; after
+                # smaller ones it has hardly changed (Newton's convergence stays superlinear).
+                far = k[change[ok] < -1e-2]
+                if far.size:
+                    H[far] = hessian(rw[far], Ua[far])
             _after_trial(lam, status, go, ok, change, chi2_atol)
         finished = status != 0
         merged = _merged_starts(rw, xa, H, finished, lambda k_: obj[k_])
@@ -1441,48 +1453,65 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10):
     return x_out, chi_out, nfev, ier
 
 
-def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations):
+def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_atol=1e-10):
     """The whole fit on merged (single-precision) statistics: optimise, polish, covariance.
 
-    1. Levenberg-Marquardt on the float32-built polynomial from every start;
-    2. at the best optimum of each spectrum, the exact residual ``u = Theta^T W (Theta v - f)``
-       and chi2 (float64, pixel by pixel) give the exact value and gradient there, which a
-       linear correction of the polynomial restores; a few more iterations reach the float64
-       optimum (``Q``'s float32 error then enters only to second order, ~1e-5 sigma);
-    3. at that optimum a last exact pass gives chi2 and ``u``, and the Gauss-Newton matrix
-       ``D^T Q D = H / 2 - sum_k u_k d2 v_k`` (``H`` the exact Hessian) gives the covariance.
+    1. Levenberg-Marquardt on the float32-built polynomial from every start, to ~1e-3 sigma;
+    2. at the best optimum ``x0`` of each spectrum, the exact residual
+       ``u = Theta^T W (Theta v - f)`` (float64, pixel by pixel) gives the exact gradient
+       ``2 D^T u``, and one Newton step with the polynomial's Hessian lands on the float64
+       optimum (its float32 error, ~1e-5 relative, moves the step by ~1e-8 sigma);
+    3. a second exact pass there gives chi2, ``u`` and the exact gradient, which verifies the
+       optimum (Newton decrement ``g^T H^-1 g <= chi2_atol``; the rare spectrum that fails
+       is refitted by Levenberg-Marquardt on the polynomial corrected to be exact at ``x0``),
+       and the Gauss-Newton matrix ``D^T Q D = H / 2 - sum_k u_k d2 v_k`` gives the covariance.
 
     Returns the index of the winning start of each spectrum, labels, chi2, covariance (scaled
     units), nfev and ier, one row per spectrum of ``np.unique(rows)`` (in that order).
     """
     a = basis.coefficients(stats.q, stats.c, stats.e)
-    # The polish moves every fit anyway: the search only needs to find the right basin and
-    # come within ~1e-3 sigma (a chi2 gain of 1e-6) of its float32 optimum.
-    x, chi, nfev, ier = _polynomial_lm(basis, a, x0, rows, max_iterations=max_iterations, chi2_atol=1e-6)
+    x, chi, nfev, ier = _polynomial_lm(basis, a, x0, rows, max_iterations=max_iterations, chi2_atol=1e-6,
+                                       single_gradient=True)
     spectra = np.unique(rows)
     k = len(rows) // len(spectra)
     chi_r = np.where(np.isfinite(chi), chi, np.inf).reshape(len(spectra), k)
     pick = np.arange(len(spectra)) * k + np.argmin(chi_r, axis=1)
     xb, nfev_b, ier_b = x[pick], nfev.reshape(len(spectra), k).sum(axis=1), ier[pick]
-    # 2. polish: the polynomial corrected to be exact (value, gradient) at xb
-    u, chi_exact = stats.exact_residual(spectra, vectorizer._vector_rows(xb))
     a = a[spectra]
-    g_exact = 2.0 * np.einsum("rkl,rk->rl", vectorizer._derivative_rows(xb), u)
-    Ub = basis.values(xb)
-    g_poly = np.einsum("rgl,rg->rl", basis.gradient_coefficients(a), Ub[:, basis.grad_monomials])
-    beta = g_exact - g_poly
-    a[:, basis.linear_index] += beta
-    a[:, 0] += chi_exact - np.einsum("rm,rm->r", a, Ub)
-    own = np.arange(len(spectra))
-    x2, _, nfev2, ier2 = _polynomial_lm(basis, a, xb, own, max_iterations=max_iterations)
-    ier_b = np.where(ier2 == 1, ier_b, ier2)
-    # 3. exact chi2 and Gauss-Newton matrix at the final labels
-    u, chi_final = stats.exact_residual(spectra, vectorizer._vector_rows(x2))
+
+    def exact(xs, rows_):
+        """chi2, half-gradient D^T u, u and the half Hessian of the objective at xs."""
+        u, chi2 = stats.exact_residual(spectra[rows_], vectorizer._vector_rows(xs))
+        g = np.einsum("rkl,rk->rl", vectorizer._derivative_rows(xs), u)
+        return chi2, g, u, 0.5 * basis.hessian(a[rows_], xs)
+
+    every = np.arange(len(spectra))
+    chi0, g0, _, H0 = exact(xb, every)
+    x1 = xb - _solve_spd(H0, g0)
+    chi1, g1, u1, H1 = exact(x1, every)
+    with np.errstate(invalid="ignore"):
+        decrement = np.einsum("rl,rl->r", g1, _solve_spd(H1, g1))
+    bad = np.flatnonzero(~((np.abs(decrement) <= chi2_atol) & (chi1 <= chi0)))
+    nfev_b = nfev_b + 2
+    if bad.size:
+        # Levenberg-Marquardt on the polynomial made exact (value, gradient) at xb
+        ab = a[bad].copy()
+        Ub = basis.values(xb[bad])
+        g_poly = np.einsum("rgl,rg->rl", basis.gradient_coefficients(ab), Ub[:, basis.grad_monomials])
+        ab[:, basis.linear_index] += 2.0 * g0[bad] - g_poly
+        ab[:, 0] += chi0[bad] - np.einsum("rm,rm->r", ab, Ub)
+        x2, _, nfev2, ier2 = _polynomial_lm(basis, ab, xb[bad], np.arange(bad.size), max_iterations=max_iterations,
+                                            chi2_atol=chi2_atol)
+        x1[bad] = x2
+        chi1[bad], _, u1[bad], H1[bad] = exact(x2, bad)
+        nfev_b[bad] += nfev2
+        ier_b[bad] = np.where(ier2 == 1, ier_b[bad], ier2)
+    # the Gauss-Newton matrix: the half Hessian less the residual's curvature term
     au = np.zeros_like(a)
-    au[:, basis.term_index] = u
-    H = 0.5 * basis.hessian(a, x2) - basis.hessian(au, x2)
+    au[:, basis.term_index] = u1
+    H = H1 - basis.hessian(au, x1)
     H = 0.5 * (H + np.transpose(H, (0, 2, 1)))
-    return pick, x2, chi_final, _inverse_or_nan(H), nfev_b + nfev2, ier_b
+    return pick, x1, chi1, _inverse_or_nan(H), nfev_b, ier_b
 
 
 def _polish(stats, vectorizer, x, rows, nfev, ier, max_iterations):
