@@ -35,10 +35,11 @@ from threadpoolctl import ThreadpoolController
 
 from . import flags as F
 from .fitting import _s2_newton
-from .monomials import MonomialBasis
+from .monomials import MonomialBasis, pair_products as _pairs_table
 
-__all__ = ["khatri_rao_upper", "merge_equal_columns", "cg_preconditioner", "solve_normal_equations_cg", "unpack_symmetric", "train_pixels",
-           "SpectrumStatistics", "label_spectra", "theta_pairs_for"]
+__all__ = ["khatri_rao_upper", "merge_equal_columns", "unpack_symmetric", "cg_preconditioner",
+           "solve_normal_equations_cg", "train_pixels", "SpectrumStatistics", "label_spectra", "theta_pairs_for",
+           "theta_table", "monomial_basis_for"]
 
 # Memory budget for one block of the Khatri-Rao product (bytes).
 _BLOCK_BYTES = 24 * 2**20
@@ -147,21 +148,6 @@ def merge_equal_columns(Z, rtol=1e-13):
     return unique, inverse.reshape(-1)
 
 
-def _pairs_table(X, dtype=np.float64):
-    """``khatri_rao_upper(X)`` (same values), written term by term into one output array.
-
-    The fancy-indexed form materialises two gathered copies of the table first, which costs
-    several times the products for a large one (1 GB at 17 labels and 8575 pixels).
-    """
-    N, K = X.shape
-    out = np.empty((N, K * (K + 1) // 2), dtype=dtype)
-    start = 0
-    for i in range(K):
-        np.multiply(X[:, i : i + 1], X[:, i:], out=out[:, start : start + K - i])
-        start += K - i
-    return out
-
-
 def _single_precision(K):
     """Whether the test step builds ``Q`` in float32: for models of at least 28 terms.
 
@@ -196,6 +182,15 @@ def monomial_basis_for(vectorizer, n_pixels, theta_cov=None):
     return basis
 
 
+def theta_table(theta, basis=None):
+    """The table of products of theta's columns that the test step reads: the merged monomial
+    table ``basis.table(theta)`` (see :func:`monomial_basis_for`) or every pair
+    (:func:`khatri_rao_upper`), float32 from 28 terms up (:func:`_single_precision`)."""
+    theta = np.asarray(theta, dtype=float)
+    dtype = np.float32 if _single_precision(theta.shape[1]) else np.float64
+    return _pairs_table(theta, dtype) if basis is None else basis.table(theta, dtype)
+
+
 def theta_pairs_for(owner, theta, max_bytes=None, basis=None):
     """The Khatri-Rao table of ``theta`` for the test step, kept on ``owner`` between calls.
 
@@ -217,7 +212,7 @@ def theta_pairs_for(owner, theta, max_bytes=None, basis=None):
     if (kept is not None and kept[1].dtype == dtype and kept[1].shape[1] == width
             and kept[0].shape == theta.shape and np.array_equal(kept[0], theta)):
         return kept[1]
-    pairs = _pairs_table(theta, dtype) if basis is None else basis.table(theta, dtype)
+    pairs = theta_table(theta, basis)
     owner._theta_pairs = (theta.copy(), pairs)
     return pairs
 

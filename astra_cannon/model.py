@@ -14,7 +14,7 @@ import numpy as np
 
 from . import flags as F
 from .censoring import censor_mask, censored_terms, censors_to_json
-from .engines import label_spectra, monomial_basis_for, theta_pairs_for, train_pixels
+from .engines import _single_precision, label_spectra, monomial_basis_for, theta_pairs_for, theta_table, train_pixels
 from .fitting import jsonable
 from .vectorizer import PolynomialVectorizer
 
@@ -46,6 +46,15 @@ def _sha256(*arrays):
         h.update(str(a.dtype.str).encode() + str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _sha256_of_table(a):
+    """sha256 of an array's bytes without copying them (e.g. a memory-mapped table)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+
+
+# Test-step tables smaller than this are rebuilt in memory (milliseconds) rather than kept in a file.
+_TABLE_FILE_MIN_BYTES = 32 * 2**20
 
 
 def _code_version():
@@ -413,6 +422,75 @@ class CannonModel:
             out["flags"][ok & (out["rchi2"] > rchi2_threshold)] |= F.LARGE_RCHI2
         out["t_elapsed"] = np.full(flux.shape[0], (time.perf_counter() - t0) / max(1, flux.shape[0]))
         return out
+
+    def keep_test_table(self, path, model_uncertainty=True, min_bytes=None):
+        """Keep the test step's table of theta products in a file, shared by processes.
+
+        A pipeline labels a survey in many processes (a Luigi task each), and every one would
+        rebuild the table (~2 s for 17 labels at 8575 pixels). With this the first process
+        writes it to ``path`` (``.npy``, atomically, with a ``path + ".json"`` record of its
+        sha256 and of theta's) and every process maps it read-only, so the page cache holds
+        one copy for all. A file whose record does not match this model's theta, or whose
+        bytes do not match their sha256 (~0.1 s for 196 MB), is rebuilt. Where the file
+        cannot be written the table is kept in memory only.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Where the table lives (e.g. beside the model file).
+        model_uncertainty : bool
+            As for :meth:`test`: which table the test step will use depends on it.
+        min_bytes : int, optional
+            Smaller tables are not worth a file (default 32 MB); returns None for them.
+
+        Returns
+        -------
+        str or None
+            The table's path, or None when no file is kept.
+        """
+        self._require_trained()
+        P, K = self.theta.shape
+        theta_cov = self.theta_cov if model_uncertainty else None
+        basis = monomial_basis_for(self.vectorizer, P, theta_cov)
+        width = basis.n_monomials if basis is not None else K * (K + 1) // 2
+        dtype = np.dtype(np.float32 if _single_precision(K) else np.float64)
+        if P * width * dtype.itemsize < (_TABLE_FILE_MIN_BYTES if min_bytes is None else min_bytes):
+            return None
+        path = os.fspath(path)
+        record_path = path + ".json"
+        theta_digest = _sha256(self.theta)
+        table = None
+        try:
+            with open(record_path) as fh:
+                record = json.load(fh)
+            if record.get("theta_sha256") == theta_digest:
+                mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+                if (mapped.dtype == dtype and mapped.shape == (P, width)
+                        and _sha256_of_table(mapped) == record.get("sha256")):
+                    table = mapped
+        except (OSError, ValueError, AttributeError):
+            pass  # missing, foreign or damaged: rebuilt below
+        if table is None:
+            table = theta_table(self.theta, basis)
+            try:
+                directory = os.path.dirname(os.path.abspath(path))
+                for target, write in ((path, lambda fh: np.save(fh, table)),
+                                      (record_path, lambda fh: fh.write(json.dumps(
+                                          {"theta_sha256": theta_digest, "sha256": _sha256_of_table(table),
+                                           "dtype": dtype.str, "shape": [P, width]}).encode()))):
+                    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+                    try:
+                        with os.fdopen(fd, "wb") as fh:
+                            write(fh)
+                        os.replace(tmp, target)
+                    finally:
+                        if os.path.exists(tmp):
+                            os.unlink(tmp)
+                table = np.load(path, mmap_mode="r", allow_pickle=False)
+            except OSError:
+                path = None  # read-only place: this process keeps its own copy
+        self._theta_pairs = (self.theta.copy(), table)
+        return path
 
     def meta_from_arrays(self, out):
         """Per-spectrum metadata dicts (JSON-safe) from :meth:`test_arrays` output."""

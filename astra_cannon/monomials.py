@@ -17,7 +17,53 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-__all__ = ["MonomialBasis"]
+__all__ = ["MonomialBasis", "pair_products"]
+
+
+def pair_products(X, dtype=np.float64):
+    """Row-wise products of column pairs ``X[:, i] * X[:, j]`` (i <= j, ``numpy.triu_indices``
+    order), written term by term into one output array.
+
+    Fancy indexing would first materialise two gathered copies of the table, which costs
+    several times the products for a large one (1 GB at 17 labels and 8575 pixels).
+    """
+    N, K = X.shape
+    out = np.empty((N, K * (K + 1) // 2), dtype=dtype)
+    start = 0
+    for i in range(K):
+        np.multiply(X[:, i : i + 1], X[:, i:], out=out[:, start : start + K - i])
+        start += K - i
+    return out
+
+
+def _unique_rows(rows):
+    """Distinct exponent rows. As integer keys (mixed radix) where they fit in 63 bits: sorting
+    rows as records is ~20x slower."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    base = int(rows.max()) + 1 if rows.size else 1
+    L = rows.shape[1]
+    if L * np.log2(max(base, 2)) >= 62:
+        return np.unique(rows, axis=0)
+    weights = base ** np.arange(L, dtype=np.int64)
+    keys = np.unique(rows @ weights)
+    return (keys[:, None] // weights) % base
+
+
+class _RowIndex:
+    """Position of each exponent row in a table of distinct rows (exact match, vectorised)."""
+
+    def __init__(self, table):
+        self._keys = np.ascontiguousarray(table, dtype=np.int64).view(np.dtype((np.void, 8 * table.shape[1])))[:, 0]
+        self._order = np.argsort(self._keys)
+        self._sorted = self._keys[self._order]
+
+    def __call__(self, rows):
+        keys = np.ascontiguousarray(rows, dtype=np.int64).view(self._keys.dtype)[:, 0]
+        pos = np.searchsorted(self._sorted, keys)
+        pos = np.minimum(pos, len(self._sorted) - 1)
+        if not np.all(self._sorted[pos] == keys):
+            raise KeyError("monomial not in the table")
+        return self._order[pos].astype(np.intp)
 
 
 class MonomialBasis:
@@ -49,63 +95,60 @@ class MonomialBasis:
                 E[k, i] = p
         iu, ju = np.triu_indices(K)
         pairs = E[iu] + E[ju]
-        seen = {tuple(r) for r in pairs} | {tuple(r) for r in np.eye(L, dtype=np.int64)} | {(0,) * L}
-        # close the set under differentiation (lower one exponent by one)
-        frontier = list(seen)
-        while frontier:
-            new = []
-            for m in frontier:
-                for a in range(L):
-                    if m[a]:
-                        low = m[:a] + (m[a] - 1,) + m[a + 1:]
-                        if low not in seen:
-                            seen.add(low)
-                            new.append(low)
-            frontier = new
-        exps = np.array(sorted(seen, key=lambda m: (sum(m), tuple(-e for e in m))), dtype=np.int64)
+        eye = np.eye(L, dtype=np.int64)
+        # The pair products, every monomial of degree <= 1, closed under differentiation
+        # (lowering one exponent by one), as arrays: no Python loop over monomials.
+        exps = _unique_rows(np.vstack([pairs, eye, np.zeros((1, L), dtype=np.int64)]))
+        while True:
+            lowered = np.vstack([exps[exps[:, a] > 0] - eye[a] for a in range(L)])
+            grown = _unique_rows(np.vstack([exps, lowered]))
+            if len(grown) == len(exps):
+                break
+            exps = grown
+        degree = exps.sum(axis=1)
+        order = np.lexsort(tuple(-exps[:, a] for a in range(L - 1, -1, -1)) + (degree,))
+        exps = exps[order]
         self.exponents = exps
         self.n_labels, self.n_terms = L, K
-        index = {tuple(r): i for i, r in enumerate(exps)}
-        self.pair_group = np.array([index[tuple(r)] for r in pairs], dtype=np.intp)
+        index = _RowIndex(exps)
+        self.pair_group = index(pairs)
         self.pair_weight = np.where(iu == ju, 1.0, 2.0)
-        self.term_index = np.array([index[tuple(r)] for r in E], dtype=np.intp)
-        self.linear_index = np.array([index[tuple(r)] for r in np.eye(L, dtype=np.int64)], dtype=np.intp)
+        self.term_index = index(E)
+        self.linear_index = index(eye)
         degree = exps.sum(axis=1)
         # Each monomial of degree >= 1 is a parent of one degree less times one label: the
         # whole table is evaluated level by level, one vectorised product per degree.
         M = len(exps)
-        self._var = np.zeros(M, dtype=np.intp)
+        self._var = np.argmax(exps > 0, axis=1)
+        self._var[0] = 0
         self._parent = np.zeros(M, dtype=np.intp)
-        for i in range(1, M):
-            a = int(np.flatnonzero(exps[i])[0])
-            low = exps[i].copy()
-            low[a] -= 1
-            self._var[i], self._parent[i] = a, index[tuple(low)]
+        self._parent[1:] = index(exps[1:] - eye[self._var[1:]])
         self._levels = [np.flatnonzero(degree == d) for d in range(1, int(degree.max()) + 1)]
-        # Derivative maps: d/dx_a x^m = m_a x^(m - e_a); d2/dx_a dx_b likewise twice.
-        g_rows, g_cols, g_vals = [], [], []
-        h_rows, h_cols, h_vals = [], [], []
-        d1, d2 = {}, {}
+        # Derivative maps: d/dx_a x^m = m_a x^(m - e_a); d2/dx_a dx_b likewise twice (upper
+        # triangle a <= b only: the Hessian is symmetric).
         Lt = L * (L + 1) // 2
-        packed = np.zeros((L, L), dtype=np.intp)
-        packed[np.triu_indices(L)] = np.arange(Lt)
-        for i, m in enumerate(exps):
-            for a in np.flatnonzero(m):
-                low = m.copy()
-                low[a] -= 1
-                j = d1.setdefault(index[tuple(low)], len(d1))
-                g_rows.append(i), g_cols.append(j * L + a), g_vals.append(float(m[a]))
-                for b in np.flatnonzero(low):
-                    if b < a:
-                        continue  # the upper triangle only: the Hessian is symmetric
-                    low2 = low.copy()
-                    low2[b] -= 1
-                    j2 = d2.setdefault(index[tuple(low2)], len(d2))
-                    h_rows.append(i), h_cols.append(j2 * Lt + packed[a, b]), h_vals.append(float(m[a] * low[b]))
-        self.grad_monomials = np.array(sorted(d1, key=d1.get), dtype=np.intp)
-        self.hess_monomials = np.array(sorted(d2, key=d2.get), dtype=np.intp)
-        self._grad_map = scipy.sparse.csr_matrix((g_vals, (g_rows, g_cols)), shape=(M, len(d1) * L))
-        self._hess_map = scipy.sparse.csr_matrix((h_vals, (h_rows, h_cols)), shape=(M, max(1, len(d2)) * Lt))
+        g_rows, g_low, g_var, g_vals = [], [], [], []
+        h_rows, h_low, h_pair, h_vals = [], [], [], []
+        pair = 0
+        for a in range(L):
+            rows = np.flatnonzero(exps[:, a] > 0)
+            low = exps[rows] - eye[a]
+            g_rows.append(rows), g_low.append(index(low)), g_var.append(np.full(rows.size, a))
+            g_vals.append(exps[rows, a].astype(float))
+            for b in range(a, L):
+                ok = low[:, b] > 0
+                h_rows.append(rows[ok]), h_low.append(index(low[ok] - eye[b]))
+                h_pair.append(np.full(ok.sum(), pair)), h_vals.append((exps[rows[ok], a] * low[ok, b]).astype(float))
+                pair += 1
+        g_low, h_low = np.concatenate(g_low), np.concatenate(h_low)
+        self.grad_monomials, g_slot = np.unique(g_low, return_inverse=True)
+        self.hess_monomials, h_slot = np.unique(h_low, return_inverse=True)
+        self._grad_map = scipy.sparse.csr_matrix(
+            (np.concatenate(g_vals), (np.concatenate(g_rows), g_slot * L + np.concatenate(g_var))),
+            shape=(M, len(self.grad_monomials) * L))
+        self._hess_map = scipy.sparse.csr_matrix(
+            (np.concatenate(h_vals), (np.concatenate(h_rows), h_slot * Lt + np.concatenate(h_pair))),
+            shape=(M, max(1, len(self.hess_monomials)) * Lt))
 
     @property
     def n_monomials(self):
@@ -124,18 +167,17 @@ class MonomialBasis:
         docstring without ``c`` and ``e``). Computed in float64 per block of pixels.
         """
         theta = np.asarray(theta, dtype=float)
-        P, K = theta.shape
-        iu, ju = np.triu_indices(K)
+        P = theta.shape[0]
+        # pairs sorted by monomial, each group summed with one reduceat
         order = np.argsort(self.pair_group, kind="stable")
-        g = self.pair_group[order]
-        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        group = self.pair_group[order]
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        weight = self.pair_weight[order]
         out = np.zeros((P, self.n_monomials), dtype=dtype)
-        i_o, j_o, w_o = iu[order], ju[order], self.pair_weight[order]
         for p0 in range(0, P, block):
-            th = theta[p0:p0 + block]
-            prod = th[:, i_o] * th[:, j_o]
-            prod *= w_o
-            out[p0:p0 + block, g[starts]] = np.add.reduceat(prod, starts, axis=1)
+            products = np.take(pair_products(theta[p0:p0 + block]), order, axis=1)
+            products *= weight
+            out[p0:p0 + block, group[starts]] = np.add.reduceat(products, starts, axis=1)
         return out
 
     def coefficients(self, q, c, e):

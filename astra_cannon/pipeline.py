@@ -416,6 +416,27 @@ def train_and_register(*, training_set, identity, path, model_name_=None, report
     return model, row, summary
 
 
+def load_model(row, label_names=None):
+    """Read a registered model for inference and check it against its registry checksum.
+
+    The test step's table of theta products is kept beside the model file
+    (``<model>.test-table.npy``, :meth:`CannonModel.keep_test_table`) once it is large
+    (e.g. 196 MB for 17 labels): every Luigi task maps the same file instead of rebuilding it.
+
+    Raises
+    ------
+    ModelFileError
+        Unreadable or foreign file, other labels, or a checksum differing from the registry's.
+    """
+    from .model import CannonModel, ModelFileError
+
+    model = CannonModel.read(row.path, label_names=label_names)
+    if file_sha256(row.path) != row.file_checksum:
+        raise ModelFileError(f"{row.path} differs from the registered model file (checksum)")
+    model.keep_test_table(f"{row.path}.test-table.npy")
+    return model
+
+
 def find_model(identity) -> TrainedModel | None:
     """Return the registered model row for ``identity`` (newest if several), or ``None``."""
     query = (TrainedModel.select()

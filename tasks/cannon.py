@@ -234,8 +234,6 @@ class InferChunk(_ModelParameters, luigi.Task):
         return task_done_in_database(self.task_id)
 
     def run(self):
-        from astra_cannon import CannonModel, ModelFileError
-
         label = f"chunk {self.chunk_index + 1}/{self.n_chunks}"
 
         def work(task_run):
@@ -243,9 +241,7 @@ class InferChunk(_ModelParameters, luigi.Task):
             row = pipeline.find_model(identity)
             if row is None:
                 raise LookupError(f"model {pipeline.model_name(identity)} is not registered; run TrainModel first")
-            model = CannonModel.read(row.path, label_names=identity["label_names"])
-            if pipeline.file_sha256(row.path) != row.file_checksum:
-                raise ModelFileError(f"{row.path} differs from the registered model file (checksum)")
+            model = pipeline.load_model(row, label_names=identity["label_names"])
             progress = (lambda text: _say(f"{label}: {text}")) if self.progress else None
             report = self._reporter()
             return pipeline.infer_chunk(model=model, model_pk=row.id, segments=self._segments,

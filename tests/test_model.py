@@ -348,3 +348,47 @@ def test_a_fit_that_never_moves_is_flagged_at_initial_guess_on_the_single_precis
     assert np.all(np.abs(again - best) <= 1e-4 * np.sqrt(np.diagonal(cov, axis1=1, axis2=2)))
     moved, _, meta = model.test(flux, ivar, model_uncertainty=False)
     assert not any(m["flags"] & F.AT_INITIAL_GUESS for m in meta)
+
+
+def test_test_table_kept_in_a_file_is_shared_checked_and_rebuilt_when_stale(trained, tmp_path):
+    model, truth = trained
+    _, flux, ivar = truth.sample(20)
+    path = tmp_path / "model.test-table.npy"
+    expected, cov_expected, _ = CannonModel.read(_written(model, tmp_path)).test(flux, ivar)
+
+    first = CannonModel.read(_written(model, tmp_path))
+    assert first.keep_test_table(path, min_bytes=0) == str(path)
+    assert path.exists() and (tmp_path / "model.test-table.npy.json").exists()
+    second = CannonModel.read(_written(model, tmp_path))
+    second.keep_test_table(path, min_bytes=0)
+    assert isinstance(second._theta_pairs[1], np.memmap)  # mapped, not rebuilt
+    labels, cov, _ = second.test(flux, ivar)
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(cov, cov_expected)
+
+    # a damaged table is noticed (sha256) and rebuilt, never used
+    table = np.load(path)
+    table[3, 2] += 1.0
+    np.save(path, table)
+    third = CannonModel.read(_written(model, tmp_path))
+    third.keep_test_table(path, min_bytes=0)
+    np.testing.assert_array_equal(third.test(flux, ivar)[0], expected)
+    from astra_cannon.engines import theta_table
+
+    np.testing.assert_array_equal(np.load(path), theta_table(model.theta))
+
+    # another theta (a retrained model) does not take this table
+    other = CannonModel.read(_written(model, tmp_path))
+    other.theta = other.theta * (1 + 1e-9)
+    other.keep_test_table(path, min_bytes=0)
+    np.testing.assert_array_equal(np.asarray(other._theta_pairs[1][:, 0]), other.theta[:, 0] ** 2)
+
+    # small tables stay in memory unless asked
+    assert CannonModel.read(_written(model, tmp_path)).keep_test_table(tmp_path / "small.npy") is None
+
+
+def _written(model, directory):
+    path = directory / "model.npz"
+    if not path.exists():
+        model.write(path)
+    return path
