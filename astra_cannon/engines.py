@@ -54,6 +54,9 @@ _SINGLE_PRECISION_MIN_TERMS = 28
 MAX_MODEL_NOISE_FRACTION = 0.5
 # Conjugate-gradient iterations per solve before a pixel falls back to the direct solve.
 _CG_MAX_ITERATIONS = 200
+# Scale of the Newton-decrement test that accepts a polished polynomial fit (tests set it
+# negative to send every fit through the Levenberg-Marquardt fallback).
+_NEWTON_CHECK_ATOL = 1.0
 # What float32 conjugate gradients resolve of the residual's measure r^T P^-1 r, relative to its
 # start (measured ~2e-12 at 17 labels; aiming lower only adds iterations).
 _CG_SINGLE_FLOOR = 1e-10
@@ -1486,7 +1489,7 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
     chi1, g1, u1, H1 = exact(x1, every)
     with np.errstate(invalid="ignore"):
         decrement = np.einsum("rl,rl->r", g1, _solve_spd(H1, g1))
-    bad = np.flatnonzero(~((np.abs(decrement) <= chi2_atol) & (chi1 <= chi0)))
+    bad = np.flatnonzero(~((np.abs(decrement) <= _NEWTON_CHECK_ATOL * chi2_atol) & (chi1 <= chi0)))
     nfev_b = nfev_b + 2
     if bad.size:
         # Levenberg-Marquardt on the polynomial made exact (value, gradient) at xb
