@@ -54,6 +54,8 @@ _SINGLE_PRECISION_MIN_TERMS = 28
 MAX_MODEL_NOISE_FRACTION = 0.5
 # Conjugate-gradient iterations per solve before a pixel falls back to the direct solve.
 _CG_MAX_ITERATIONS = 200
+# Smallest batch of spectra a test-step thread is given.
+_MIN_THREAD_BATCH = 128
 # Scale of the Newton-decrement test that accepts a polished polynomial fit (tests set it
 # negative to send every fit through the Levenberg-Marquardt fallback).
 _NEWTON_CHECK_ATOL = 1.0
@@ -1677,7 +1679,10 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     if n_threads > 1:
         # Two batches per thread let the threads finish together, but batches below ~128
         # spectra lose more to smaller matrix products than the balance gains (measured).
-        batch_size = min(batch_size, max(128, -(-S // (2 * n_threads))))
+        batch_size = min(batch_size, max(_MIN_THREAD_BATCH, -(-S // (2 * n_threads))))
+        if S <= batch_size:
+            # a single batch: its large products use the BLAS's own threads instead
+            n_threads = 1
 
     def run_batch(b0):
         """Fit the spectra of one batch; disjoint rows of ``out``."""
