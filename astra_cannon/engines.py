@@ -56,6 +56,8 @@ MAX_MODEL_NOISE_FRACTION = 0.5
 _CG_MAX_ITERATIONS = 200
 # Smallest batch of spectra a test-step thread is given.
 _MIN_THREAD_BATCH = 128
+# Largest batch of spectra on the polynomial test path (see label_spectra).
+_POLYNOMIAL_BATCH = 100
 # Scale of the Newton-decrement test that accepts a polished polynomial fit (tests set it
 # negative to send every fit through the Levenberg-Marquardt fallback).
 _NEWTON_CHECK_ATOL = 1.0
@@ -1680,9 +1682,16 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         # Two batches per thread let the threads finish together, but batches below ~128
         # spectra lose more to smaller matrix products than the balance gains (measured).
         batch_size = min(batch_size, max(_MIN_THREAD_BATCH, -(-S // (2 * n_threads))))
-        if S <= batch_size:
-            # a single batch: its large products use the BLAS's own threads instead
-            n_threads = 1
+    if basis is not None:
+        # The polynomial fit reads per-spectrum coefficient stacks every iteration (~230 kB a
+        # spectrum at 17 labels): batches that keep them in cache run 25% faster (measured,
+        # 100 against 256 spectra).
+        # (as many batches per thread for every thread)
+        n_batches = -(-S // min(batch_size, _POLYNOMIAL_BATCH))
+        n_batches = -(-n_batches // n_threads) * n_threads
+        batch_size = max(1, -(-S // n_batches))
+    if n_threads > 1 and S <= batch_size:
+        n_threads = 1  # a single batch: its large products use the BLAS's own threads instead
 
     def run_batch(b0):
         """Fit the spectra of one batch; disjoint rows of ``out``."""
