@@ -1687,7 +1687,7 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         # spectrum at 17 labels): batches that keep them in cache run 25% faster (measured,
         # 100 against 256 spectra).
         # (as many batches per thread for every thread)
-        n_batches = -(-S // min(batch_size, _POLYNOMIAL_BATCH))
+        n_batches = max(1, -(-S // min(batch_size, _POLYNOMIAL_BATCH)))
         n_batches = -(-n_batches // n_threads) * n_threads
         batch_size = max(1, -(-S // n_batches))
     if n_threads > 1 and S <= batch_size:

@@ -377,3 +377,15 @@ def test_monomial_path_equals_reference_fit_spectrum_for_a_28_term_quadratic():
         np.testing.assert_allclose((out["labels"][i] - lab) / sigma, 0, atol=1e-4)
         np.testing.assert_allclose(np.sqrt(np.diag(out["cov"][i])), sigma, rtol=1e-4)
         assert out["chi2"][i] == pytest.approx(meta["chi_sq"], rel=1e-8)
+
+
+@pytest.mark.parametrize("which", ["quadratic", "quartic"])
+def test_no_spectra_give_empty_results(truth, quartic, which):
+    if which == "quadratic":
+        args = (truth.theta, truth.s2, truth.vectorizer, truth.fiducials, truth.scales)
+    else:
+        model, _ = quartic
+        args = (model.theta, model.s2, model.vectorizer, model.fiducials, model.scales)
+    P = args[0].shape[0]
+    out = label_spectra(*args, np.zeros((0, P)), np.zeros((0, P)), args[3][None, :])
+    assert out["labels"].shape == (0, len(args[3])) and out["cov"].shape == (0, len(args[3]), len(args[3]))
