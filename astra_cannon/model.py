@@ -369,7 +369,7 @@ class CannonModel:
         The first call builds the table of products of theta's columns that the test step
         needs (``P K (K + 1) / 2`` numbers, float64 below 28 terms; from 28 terms up, without the
         model-noise pass, the float32 table of distinct monomials, see
-        :mod:`astra_cannon.monomials`: 196 MB and ~2 s for 17 labels at 8575 pixels) and the
+        :mod:`astra_cannon.monomials`: 196 MB and ~1 s for 17 labels at 8575 pixels) and the
         model keeps it for later calls while ``theta`` is unchanged (up to 1.25 GB; larger
         tables are built per batch).
         """
@@ -427,7 +427,7 @@ class CannonModel:
         """Keep the test step's table of theta products in a file, shared by processes.
 
         A pipeline labels a survey in many processes (a Luigi task each), and every one would
-        rebuild the table (~2 s for 17 labels at 8575 pixels). With this the first process
+        rebuild the table (~1-1.5 s for 17 labels at 8575 pixels). With this the first process
         writes it to ``path`` (``.npy``, atomically, with a ``path + ".json"`` record of its
         sha256 and of theta's) and every process maps it read-only, so the page cache holds
         one copy for all. A file whose record does not match this model's theta, or whose

@@ -359,7 +359,7 @@ def main(argv=None):
         model, r = bench_model(w, key, n_test, pixels=pixels,
                                trace_memory=not args.no_tracemalloc)
         print_case(r)
-        if not args.quick:
+        if not args.quick and args.seed_pixels > 0 and args.seed_spectra > 0:  # 0 skips the seed path
             r["seed_path"] = bench_seed_path(w, model, args.seed_pixels, args.seed_spectra, r)
             print_seed(r["seed_path"])
         payload["cases"][key] = r
