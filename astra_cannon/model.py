@@ -232,7 +232,7 @@ class CannonModel:
 
         All pixels are solved together (normal equations built with one matrix product per
         block, batched solves); ``s2`` is re-estimated without bias and the weights refreshed
-        until it settles. L1 regularisation uses coordinate descent, vectorised across pixels.
+        until it settles. L1 regularisation uses feature-sign search, vectorised across pixels.
 
         Parameters
         ----------

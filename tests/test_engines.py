@@ -389,3 +389,35 @@ def test_no_spectra_give_empty_results(truth, quartic, which):
     P = args[0].shape[0]
     out = label_spectra(*args, np.zeros((0, P)), np.zeros((0, P)), args[3][None, :])
     assert out["labels"].shape == (0, len(args[3])) and out["cov"].shape == (0, len(args[3]), len(args[3]))
+
+
+def test_feature_sign_lasso_meets_kkt_and_matches_coordinate_descent():
+    from astra_cannon.engines import _lasso_cd, _lasso_feature_sign, pixel_objective
+
+    rng = np.random.default_rng(11)
+    P, N, K = 40, 200, 30
+    X = np.hstack([np.ones((N, 1)), rng.normal(size=(N, K - 1))])
+    w = rng.uniform(0.5, 2.0, (P, N))
+    M = np.einsum("pn,nk,nj->pkj", w, X, X)
+    truth = np.where(rng.random((P, K)) < 0.2, rng.normal(size=(P, K)), 0.0)
+    y = truth @ X.T + 0.3 * rng.normal(size=(P, N))
+    b = np.einsum("pn,nk,pn->pk", w, X, y)
+    c = np.einsum("pn,pn->p", w, y * y)
+    lam = rng.uniform(20.0, 400.0, P)  # per pixel
+    start = np.zeros((P, K))
+    start[:, 0] = b[:, 0] / M[:, 0, 0]
+    theta, steps, left, Mt = _lasso_feature_sign(M, b, lam, start)
+    assert left.size == 0
+    np.testing.assert_allclose(Mt, np.einsum("pij,pj->pi", M, theta), rtol=1e-12, atol=1e-9)
+    # KKT: b - M t = lam/2 sign(t) on the support (not the constant), |b - M t| <= lam/2 off it
+    z = b - Mt
+    on = theta != 0
+    on[:, 0] = False
+    np.testing.assert_allclose(z[on], (0.5 * lam[:, None] * np.sign(theta))[on], rtol=1e-8)
+    assert np.all(np.abs(z[:, 0]) <= 1e-8 * np.abs(b[:, 0]))
+    assert np.all(np.abs(z[theta == 0]) <= (0.5 * lam[:, None] * (1 + 1e-9) + 1e-9).repeat(K, 1)[theta == 0])
+    # the same optimum as coordinate descent (the objective is strictly convex here)
+    cd, _, cd_left = _lasso_cd(M, b, lam, start, tol=1e-12)
+    assert cd_left.size == 0
+    np.testing.assert_allclose(pixel_objective(M, b, c, theta, lam), pixel_objective(M, b, c, cd, lam), rtol=1e-10)
+    assert 0.05 < np.mean(theta[:, 1:] != 0) < 0.9
