@@ -643,7 +643,7 @@ def _cg_correction(A, w, R, Z, rz, scale, precondition, target, n_it, cols, max_
 
 def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=None, max_iterations=8,
                  weight_rtol=1e-2, fixed_s2=None, theta_covariance="auto", solver="auto", n_threads=None,
-                 progress=None):
+                 progress=None, pair_monomials=None):
     """Fit theta and s2 for every pixel.
 
     Parameters
@@ -680,6 +680,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         (e.g. one per pipeline worker) keeps training on one core. Results do not depend on it.
     progress : callable, optional
         Called as ``progress(n_pixels_done)`` after each block.
+    pair_monomials : ndarray of int, shape (K (K + 1) / 2,), optional
+        The monomial of each column pair of a polynomial design matrix
+        (:attr:`MonomialBasis.pair_group`): equal columns of the Khatri-Rao table are then known
+        without comparing them numerically (about 1 s at 17 labels).
 
     Returns
     -------
@@ -716,7 +720,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         # Only the distinct columns of the Khatri-Rao table enter the big product; every entry
         # of the K x K normal matrix is then gathered from its group (2.5x less work at 17 labels).
         Z = _pairs_table(A)
-        unique, group = merge_equal_columns(Z)
+        if pair_monomials is None:
+            unique, group = merge_equal_columns(Z)
+        else:
+            _, unique, group = np.unique(pair_monomials, return_index=True, return_inverse=True)
         Zu = np.ascontiguousarray(Z[:, unique])
         del Z
         gather = np.empty((K, K), dtype=np.intp)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import flags as F
 from .censoring import censor_mask, censored_terms, censors_to_json
-from .engines import _single_precision, label_spectra, monomial_basis_for, theta_pairs_for, theta_table, train_pixels
+from .engines import _basis, _single_precision, label_spectra, monomial_basis_for, theta_pairs_for, theta_table, train_pixels
 from .fitting import jsonable
 from .vectorizer import PolynomialVectorizer
 
@@ -265,7 +265,8 @@ class CannonModel:
         theta, s2, info = train_pixels(
             self.design_matrix, self.training_set_flux, self.training_set_ivar,
             regularization=self.regularization, censored_terms=cens if cens.any() else None,
-            max_iterations=max_iterations, theta_covariance=theta_covariance, solver=solver, progress=progress)
+            max_iterations=max_iterations, theta_covariance=theta_covariance, solver=solver, progress=progress,
+            pair_monomials=_basis(self.vectorizer.n_labels, tuple(self.vectorizer.terms)).pair_group)
         self.theta, self.s2 = theta, s2
         self.theta_cov = info["theta_cov"]
         summary = {

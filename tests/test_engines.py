@@ -442,3 +442,15 @@ def test_l1_scatter_estimate_counts_the_lasso_degrees_of_freedom():
     s = np.sqrt(s2)
     assert np.median(s[s_true == 0]) < 5e-4
     assert abs(np.median(s[s_true > 0]) / 0.01 - 1) < 0.03
+
+
+def test_known_pair_monomials_give_the_numerically_merged_training(problem, truth):
+    from astra_cannon.engines import _basis
+
+    A, flux, ivar = problem
+    groups = _basis(truth.vectorizer.n_labels, tuple(truth.vectorizer.terms)).pair_group
+    numeric = train_pixels(A, flux, ivar, theta_covariance=True)
+    symbolic = train_pixels(A, flux, ivar, theta_covariance=True, pair_monomials=groups)
+    np.testing.assert_allclose(symbolic[0], numeric[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(symbolic[1], numeric[1], rtol=1e-8, atol=1e-15)
+    np.testing.assert_allclose(symbolic[2]["theta_cov"], numeric[2]["theta_cov"], rtol=1e-8, atol=1e-15)
