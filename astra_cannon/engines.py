@@ -403,16 +403,32 @@ def _lasso_feature_sign(M, b, lam, theta0, max_steps=None, add_per_step=4):
         # An increase beyond rounding is not expected (the theory guarantees a decrease): such a
         # pixel is left to the caller. A step of (nearly) zero length is the optimum itself.
         f0 = lw * np.abs(tw[:, 1:]).sum(axis=1)
-        stuck = live & ~(f[np.arange(n), best] <= f0 + 1e-10 * (np.abs(f0) + np.abs(lin) + np.abs(quad)))
+        scale = np.abs(f0) + np.abs(lin) + np.abs(quad) + np.abs(bw * tw).sum(axis=1)  # of the objective
+        stuck = live & ~(f[np.arange(n), best] <= f0 + 1e-10 * scale)
         new = tw + alpha[:, None] * d
         # the coefficient(s) crossing zero at the chosen point leave the set exactly
         new[(cross == alpha[:, None]) & np.isfinite(cross)] = 0.0
         new[~support] = 0.0
         # optimal on its set when the full step was taken and every sign is the assumed one
         full = (alpha == 1.0) & (best == C) & np.all((np.sign(new) == sg) | ~support | (cols == 0), axis=1)
+        dz = alpha[:, None] * Md  # M (new - t), up to the rounding of the zeroed coefficients
+        # Also the full step with every coefficient that changed sign dropped at once: where it
+        # is lower still, it replaces the line search's point (several coefficients leave the
+        # active set in one step instead of one per step; the objective still falls).
+        flipped = np.isfinite(cross)
+        if C:
+            proj = np.where(flipped, 0.0, target)
+            Me = np.einsum("pij,pj->pi", Mw, target - proj)
+            Mproj = bw - z + Md - Me
+            f_proj = (np.einsum("pk,pk->p", proj - tw, Mproj + bw - z) - 2 * np.einsum("pk,pk->p", bw, proj - tw)
+                      + lw * np.abs(proj[:, 1:]).sum(axis=1))
+            take = live & flipped.any(axis=1) & (f_proj < f[np.arange(n), best]) & ~stuck
+            new[take] = proj[take]
+            dz[take] = Md[take] - Me[take]
+            full[take] = False
         go = live & ~stuck
-        # b - M t at the new point (the coefficients set exactly to zero moved by rounding only)
-        z[go] -= alpha[go, None] * Md[go]
+        # b - M t at the new point
+        z[go] -= dz[go]
         tw[go] = new[go]
         sw[go] = np.where(support[go], np.sign(new[go]), 0.0)
         sw[go, 0] = 0.0

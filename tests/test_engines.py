@@ -421,6 +421,14 @@ def test_feature_sign_lasso_meets_kkt_and_matches_coordinate_descent():
     assert cd_left.size == 0
     np.testing.assert_allclose(pixel_objective(M, b, c, theta, lam), pixel_objective(M, b, c, cd, lam), rtol=1e-10)
     assert 0.05 < np.mean(theta[:, 1:] != 0) < 0.9
+    # from the solution at a weaker Lambda (as from an earlier alternation): many coefficients
+    # must leave the active set, several per step
+    weak, _, _, _ = _lasso_feature_sign(M, b, 0.2 * lam, start)
+    warm, warm_steps, warm_left, _ = _lasso_feature_sign(M, b, lam, weak)
+    assert warm_left.size == 0
+    np.testing.assert_allclose(pixel_objective(M, b, c, warm, lam), pixel_objective(M, b, c, cd, lam), rtol=1e-10)
+    dropped = (weak[:, 1:] != 0).sum(axis=1) - (warm[:, 1:] != 0).sum(axis=1)
+    assert np.any(warm_steps < dropped)  # more than one coefficient left in some step
 
 
 def test_l1_scatter_estimate_counts_the_lasso_degrees_of_freedom():
