@@ -190,12 +190,18 @@ def monomial_basis_for(vectorizer, n_pixels, theta_cov=None):
     return basis
 
 
+def theta_table_layout(K, basis=None):
+    """Columns and dtype of :func:`theta_table` for a model of ``K`` terms."""
+    width = K * (K + 1) // 2 if basis is None else basis.n_monomials
+    return width, np.dtype(np.float32 if _single_precision(K) else np.float64)
+
+
 def theta_table(theta, basis=None):
     """The table of products of theta's columns that the test step reads: the merged monomial
     table ``basis.table(theta)`` (see :func:`monomial_basis_for`) or every pair
     (:func:`khatri_rao_upper`), float32 from 28 terms up (:func:`_single_precision`)."""
     theta = np.asarray(theta, dtype=float)
-    dtype = np.float32 if _single_precision(theta.shape[1]) else np.float64
+    _, dtype = theta_table_layout(theta.shape[1], basis)
     return _pairs_table(theta, dtype) if basis is None else basis.table(theta, dtype)
 
 
@@ -211,9 +217,8 @@ def theta_pairs_for(owner, theta, max_bytes=None, basis=None):
     """
     theta = np.asarray(theta, dtype=float)
     P, K = theta.shape
-    dtype = np.dtype(np.float32 if _single_precision(K) else np.float64)
     limit = _PAIRS_KEEP_BYTES if max_bytes is None else max_bytes
-    width = K * (K + 1) // 2 if basis is None else basis.n_monomials
+    width, dtype = theta_table_layout(K, basis)
     if P * width * dtype.itemsize > limit:
         return None
     kept = getattr(owner, "_theta_pairs", None)
@@ -731,7 +736,7 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         raise ValueError(f"solver must be 'auto', 'direct' or 'cg', not {solver!r}")
     if solver == "cg" and needs_matrix:
         raise ValueError("L1 regularisation, censoring and the theta covariance need solver='direct'")
-    A32 = A.astype(np.float32)
+    A32 = A.astype(np.float32) if solver == "cg" else None
     if solver == "direct":
         # Only the distinct columns of the Khatri-Rao table enter the big product; every entry
         # of the K x K normal matrix is then gathered from its group (2.5x less work at 17 labels).
@@ -1348,15 +1353,21 @@ def _gauss_newton(Q, vectorizer, x, u=None, V=None):
     return H, g
 
 
+def _slots(rows):
+    """The distinct values of ``rows``, each row's index among them, its place among the rows
+    of the same value, and the most rows any value has."""
+    uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    order = np.argsort(inv, kind="stable")
+    slot = np.empty(len(rows), dtype=np.intp)
+    slot[order] = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return uniq, inv, slot, int(counts.max())
+
+
 def _grouping(rows):
     """How :func:`_grouped` lays out ``rows`` (indices into a stack of matrices) spectrum by
     spectrum: (distinct matrices, position of each row, rows per matrix, already in place)."""
     R = len(rows)
-    uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
-    width = int(counts.max())
-    order = np.argsort(inv, kind="stable")
-    slot = np.empty(R, dtype=np.intp)
-    slot[order] = np.arange(R) - np.repeat(np.cumsum(counts) - counts, counts)
+    uniq, inv, slot, width = _slots(rows)
     idx = inv * width + slot
     return uniq, idx, width, bool(uniq.size * width == R and np.array_equal(idx, np.arange(R)))
 
@@ -1543,14 +1554,9 @@ def _stacked(stack, rows, X):
     zero rows), so no per-spectrum matrix is ever copied: gathering ``stack[rows]`` moves more
     memory than the products cost.
     """
-    R, n = X.shape
+    n = X.shape[1]
     S = len(stack)
-    _, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
-    order = np.argsort(rows, kind="stable")
-    slot = np.empty(R, dtype=np.intp)
-    starts = np.cumsum(counts) - counts
-    slot[order] = np.arange(R) - np.repeat(starts, counts)
-    width = int(counts.max())
+    _, _, slot, width = _slots(rows)
     Z = np.zeros((S * width, n), dtype=X.dtype)
     pos = np.asarray(rows) * width + slot
     Z[pos] = X
@@ -1671,12 +1677,13 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
     pick = np.arange(len(spectra)) * k + np.argmin(chi_r, axis=1)
     xb, nfev_b, ier_b = x[pick], nfev.reshape(len(spectra), k).sum(axis=1), ier[pick]
     a = a[spectra]
+    Hc = basis.hessian_coefficients(a)
 
     def exact(xs, rows_):
         """chi2, half-gradient D^T u, u and the half Hessian of the objective at xs."""
         u, chi2 = stats.exact_residual(spectra[rows_], vectorizer._vector_rows(xs))
         g = np.einsum("rkl,rk->rl", vectorizer._derivative_rows(xs), u)
-        return chi2, g, u, 0.5 * basis.hessian(a[rows_], xs)
+        return chi2, g, u, 0.5 * basis.hessian(None, xs, coefficients=Hc[rows_])
 
     every = np.arange(len(spectra))
     chi0, g0, _, H0 = exact(xb, every)
@@ -1703,7 +1710,6 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
     au = np.zeros_like(a)
     au[:, basis.term_index] = u1
     H = H1 - basis.hessian(au, x1)
-    H = 0.5 * (H + np.transpose(H, (0, 2, 1)))
     return pick, x1, chi1, _inverse_or_nan(H), nfev_b, ier_b
 
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from . import flags as F
 from .censoring import censor_mask, censored_terms, censors_to_json
-from .engines import _basis, _single_precision, label_spectra, monomial_basis_for, theta_pairs_for, theta_table, train_pixels
+from .engines import (_basis, label_spectra, monomial_basis_for, theta_pairs_for, theta_table,
+                      theta_table_layout, train_pixels)
 from .fitting import jsonable
 from .vectorizer import PolynomialVectorizer
 
@@ -453,8 +454,7 @@ class CannonModel:
         P, K = self.theta.shape
         theta_cov = self.theta_cov if model_uncertainty else None
         basis = monomial_basis_for(self.vectorizer, P, theta_cov)
-        width = basis.n_monomials if basis is not None else K * (K + 1) // 2
-        dtype = np.dtype(np.float32 if _single_precision(K) else np.float64)
+        width, dtype = theta_table_layout(K, basis)
         if P * width * dtype.itemsize < (_TABLE_FILE_MIN_BYTES if min_bytes is None else min_bytes):
             return None
         path = os.fspath(path)

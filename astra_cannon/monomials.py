@@ -240,10 +240,11 @@ class MonomialBasis:
         out[:, ju, iu] = packed
         return out
 
-    def hessian(self, a, x):
-        """Hessian (R, L, L) of ``sum_m a[r, m] x^m`` at ``x`` (R, L), one row each."""
+    def hessian(self, a, x, coefficients=None):
+        """Hessian (R, L, L) of ``sum_m a[r, m] x^m`` at ``x`` (R, L), one row each; or from
+        ``coefficients = hessian_coefficients(a)`` when they are at hand (``a`` is then unused)."""
         if not len(self.hess_monomials):
             return np.zeros((len(x), self.n_labels, self.n_labels))
+        Hc = self.hessian_coefficients(a) if coefficients is None else coefficients
         U = self.values(x)
-        Hc = self.hessian_coefficients(a)
         return self.unpack_hessian(np.einsum("rh,rhk->rk", U[:, self.hess_monomials], Hc))
