@@ -1,6 +1,7 @@
 """The pipeline library without Luigi: identities, chunk planning, train/infer/write, status, export."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +260,22 @@ def test_unnormalised_spectra_are_normalised_with_model_continuum_pixels(trained
     lab_ref = model.test(spectra.flux[ok], spectra.ivar[ok])[0]
     assert np.median(np.abs(lab_raw[:, identity["label_names"].index("TEFF")]
                             - lab_ref[:, identity["label_names"].index("TEFF")])) < 100
+
+
+def test_load_model_keeps_the_test_table_beside_the_model_and_checks_the_registry(trained, monkeypatch):
+    from astra_cannon import model as model_module
+    from astra_cannon.model import ModelFileError
+
+    job, identity, model, row = trained
+    monkeypatch.setattr(model_module, "_TABLE_FILE_MIN_BYTES", 0)  # the example's table is small
+    first = pipeline.load_model(row, label_names=identity["label_names"])
+    table = Path(f"{row.path}.test-table.npy")
+    assert table.exists() and Path(f"{table}.json").exists()
+    again = pipeline.load_model(row, label_names=identity["label_names"])
+    assert isinstance(again._theta_pairs[1], np.memmap)  # mapped by the next task, not rebuilt
+    segments = pipeline.plan_chunks(job.spectra, 200, "example")[0]
+    spectra = pipeline.read_chunk(segments, "example", again.dispersion)
+    np.testing.assert_array_equal(pipeline.fit_spectra(again, spectra)[0], pipeline.fit_spectra(first, spectra)[0])
+    row.file_checksum = "0" * 64
+    with pytest.raises(ModelFileError, match="checksum"):
+        pipeline.load_model(row)
