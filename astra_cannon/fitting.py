@@ -86,41 +86,58 @@ def adjusted_ivar(ivar, s2):
     return out
 
 
-def _s2_newton(r2, var, target, s, rtol, atol, max_iterations=100):
-    """Newton's method on ``g(s) = sum_n r2_n / (var_n + s) - target = 0`` for every column.
+def _s2_newton(r2, var, target, s, rtol, atol, max_iterations=100, return_slope=False):
+    """Solve ``g(s) = sum_n r2_n / (var_n + s) = target`` for ``s >= 0`` in every column.
 
-    ``var = 1 / ivar`` (inf where a star is masked, so it has no weight); the arrays may be
-    float32, the iterate ``s`` stays float64. g is convex and decreasing in s: a Newton step
-    from right of the root lands left of it (or at 0, where g > 0), and from the left Newton's
-    method rises monotonically to the root, so the iteration cannot diverge. A column is
-    finished when its step is at most ``max(rtol * s, atol)`` and leaves the working arrays.
+    Newton's method on ``1 / g``, which is concave and increasing in s (a weighted harmonic
+    mean of functions affine in s) and exactly linear when every star has the same variance.
+    A tangent of a concave function lies above it, so every step lands left of the root (or at
+    0, where ``g >= target`` then), and from the left the iterates rise monotonically; as
+    ``1 / g`` is nearly linear they get there in two or three steps (Newton on ``g`` itself
+    needed four to six). ``var = 1 / ivar`` (inf where a star is masked, so it has no weight);
+    the arrays may be float32, the iterate ``s`` stays float64. A column is finished when its
+    step is at most ``max(rtol * s, atol)`` and leaves the working arrays. With
+    ``return_slope`` also returns ``-g'`` at each column's last evaluation.
     """
     out = np.array(s, dtype=float)
+    slope = np.zeros(out.shape)
     s = out.copy()
     idx = np.arange(s.size)
+    target = np.asarray(target, dtype=float)
     atol = np.broadcast_to(np.asarray(atol, dtype=float), s.shape)
     w = np.empty_like(var)
+    t = np.empty_like(var)
+    ones = np.ones(var.shape[0], dtype=var.dtype)
     for _ in range(max_iterations):
         np.add(var, s.astype(var.dtype)[None, :], out=w)
         np.divide(1.0, w, out=w)  # measured 2x faster than np.reciprocal for float64
-        g = np.einsum("np,np->p", r2, w).astype(float) - target
-        dg = -np.einsum("np,np,np->p", r2, w, w).astype(float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = np.where(dg < 0, -g / dg, 0.0)
-        s_new = np.maximum(s + step, 0.0)
+        np.multiply(r2, w, out=t)
+        g = (ones @ t).astype(float)  # column sums by BLAS: 2x faster than sum(axis=0)
+        np.multiply(t, w, out=t)
+        dg = (ones @ t).astype(float)  # -g'(s)
+        s_new = s2_newton_step(g, dg, target, s)
         done = np.abs(s_new - s) <= np.maximum(rtol * s_new, atol)
         out[idx] = s_new
+        slope[idx] = dg
         if done.all():
             break
         if done.mean() > 0.25:
             keep = ~done
             idx, target, atol = idx[keep], target[keep], atol[keep]
             r2, var = r2[:, keep], var[:, keep]
-            w = np.empty_like(var)
+            w, t = np.empty_like(var), np.empty_like(var)
             s = s_new[keep]
         else:
             s = s_new
-    return out
+    return (out, slope) if return_slope else out
+
+
+def s2_newton_step(g, dg, target, s):
+    """One step of :func:`_s2_newton` from ``s`` given ``g(s)`` and ``dg = -g'(s)``: Newton's
+    method on ``1 / g``, ``(1/g - 1/target) / (dg / g^2)``, kept at ``s >= 0``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = np.where(dg > 0, g * (g - target) / (target * dg), 0.0)
+    return np.maximum(s + step, 0.0)
 
 
 def estimate_s2(residuals_squared, ivar, dof, max_iterations=100, rtol=1e-8, clean=False, s2_start=None):
