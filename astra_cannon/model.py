@@ -343,10 +343,12 @@ class CannonModel:
             Flag ``OUTSIDE_TRAINING_HULL`` when a label leaves the training range widened by
             this fraction of the range on each side (a documented proxy for the convex hull).
         model_uncertainty : bool
-            Add the model's own variance at the fitted labels (from the finite training set,
-            ``v^T Cov(theta_p) v`` per pixel) to the noise and refine the fit, so chi2 and the
-            label uncertainties include it. Needs ``theta_cov`` from training (kept when it
-            fits in 256 MB, e.g. up to ~40 terms at 8575 pixels); otherwise ignored.
+            Correct the fit for the model's own noise (from the finite training set): its
+            expected squared error is subtracted from the objective (a corrected score, which
+            removes the pull towards the training set's centre), and its variance at the
+            fitted labels (``v^T Cov(theta_p) v`` per pixel) is included in chi2 and the label
+            uncertainties, to first order. Needs ``theta_cov`` from training (kept when it fits
+            in 256 MB, e.g. up to ~40 terms at 8575 pixels); otherwise ignored.
         progress : callable, optional
             ``progress(n_spectra_done)``.
 
