@@ -802,8 +802,9 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
             else:
                 w = np.add(var32, s2_t)
                 np.divide(1.0, w, out=w)
-            wf = w * f
-            c = np.einsum("np,np->p", wf, f)
+            with np.errstate(invalid="ignore"):  # 0 * inf where ivar == 0: mended below
+                wf = w * f
+                c = np.einsum("np,np->p", wf, f)
             if not clean:
                 bad = np.flatnonzero(~np.isfinite(c))
                 if bad.size:
@@ -1069,6 +1070,12 @@ def _median_of_good(values, bad):
     return _balanced_median(vals, n_bad)
 
 
+def _weighted_flux(flux, w, wf):
+    """``sum w f^2`` per row and ``w f`` (written into ``wf``) of a block."""
+    np.multiply(w, flux, out=wf)
+    return np.einsum("sp,sp->s", wf, flux), wf
+
+
 class SpectrumStatistics:
     """Per-spectrum sufficient statistics of a trained model.
 
@@ -1151,25 +1158,18 @@ class SpectrumStatistics:
             ones = np.ones(f.shape[1], dtype=np.float32)
             snr_f32 = np.empty(f.shape, dtype=np.float32)
             good = np.empty(f.shape, dtype=bool)
+        self._mend = False
         for sl in blocks:
             n = sl.stop - sl.start
             cov_block = None if theta_cov is None else theta_cov[sl]
-            fast = self._clean_block(sl, r[:, :n], w[:, :n], wf[:, :n])
-            if fast is None:
-                # some flux or ivar is non-finite or ivar < 0 here: mask pixel by pixel
-                fb, rb = self._masked(sl, f[:, :n], r[:, :n])
-                bad_all[:, sl] = self._bad
-                wb = self._accumulate(fb, rb, sl, cov_block, w, wf)
-                wfb = wf[:, :n]
-            else:
-                fb, wb, wfb, e_block = fast
-                w32 = None
-                if summaries:
-                    # w in float32 once, for G's product and the S/N below
-                    w32 = snr_vals[:, sl]
-                    np.copyto(w32, wb, casting="same_kind")
-                self._add(wb, wfb, e_block, sl, cov_block, w32)
-                np.equal(wb, 0.0, out=bad_all[:, sl])
+            fb, wb, masked, (e_block, wfb) = self._block(sl, f[:, :n], r[:, :n], w[:, :n], bad_all[:, sl],
+                                                         lambda fl, wt: _weighted_flux(fl, wt, wf[:, :n]))
+            w32 = None
+            if summaries:
+                # w in float32 once, for G's product and the S/N below
+                w32 = snr_vals[:, sl]
+                np.copyto(w32, wb, casting="same_kind")
+            self._add(wb, wfb, e_block, sl, cov_block, w32)
             if candidates is not None:
                 # sum w m^2 - 2 sum w f m for every candidate model spectrum m (e added below)
                 model = candidates @ self._theta[sl].T
@@ -1181,12 +1181,10 @@ class SpectrumStatistics:
                 # precision product is 4x slower)
                 f32 = snr_f32[:, :n]
                 np.copyto(f32, fb, casting="same_kind")
-                if fast is not None:
-                    f32 *= np.logical_not(bad_all[:, sl], out=good[:, :n])  # unmasked: zero bad pixels
+                if not masked:
+                    f32 *= np.logical_not(bad_all[:, sl], out=good[:, :n])  # (finite there: zero it)
                 fsum += f32 @ ones[:n]
                 out = snr_vals[:, sl]
-                if fast is None:
-                    np.copyto(out, wb, casting="same_kind")
                 np.sqrt(out, out=out)
                 out *= f32
         self.__dict__.pop("_bad", None)
@@ -1208,31 +1206,47 @@ class SpectrumStatistics:
             _fill_bad_with_infs(snr_vals.reshape(-1), flat, rows, n_bad)
             self.snr = _balanced_median(snr_vals, n_bad)
 
-    def _clean_block(self, sl, r, w, wf):
-        """Weights of pixel block ``sl`` without masking, when its input is clean.
+    def _block(self, sl, f, r, w, bad, reduce, rows=None):
+        """Weights ``w`` (0 at bad pixels) and flux of pixel block ``sl`` (of spectra ``rows``,
+        default all), and ``reduce(flux, w)``, whose first item must come out finite.
 
-        Survey spectra mark bad pixels with ``ivar = 0``, and then ``w = 1 / (1/ivar + s2)``
-        is already 0 there: no mask is needed, only a check that nothing else is bad. Any
-        non-finite or negative ivar shows in ``min(1/ivar) > 0`` failing (NaN, 0 or < 0), any
-        non-finite flux in a non-finite ``e = sum w f^2`` (``0 * inf`` is NaN too); dead pixels
-        (``s2 = inf``) get ``w = 0``. Half the elementwise passes of :meth:`_masked`. Returns
-        ``(flux, w, w f, e)`` of the block, or None when it must be masked pixel by pixel.
+        Survey spectra mark bad pixels with ``ivar = 0``, where ``w = 1 / (1/ivar + s2)`` is
+        already 0, so only a check is needed that nothing else is bad, at a third of the
+        elementwise passes of :meth:`_masked`: any non-finite or negative ivar shows in
+        ``min(1/ivar) > 0`` failing (NaN, 0 or < 0), a non-finite flux in a non-finite result
+        (``0 * nan`` is NaN too); dead pixels (``s2 = inf``) get ``w = 0``. Bad pixels' flux is
+        often NaN (e.g. apStar files): once a block shows it, the flux of bad pixels is zeroed
+        (one select) in this and later blocks. Anything else (NaN flux where ivar > 0) is
+        masked pixel by pixel. ``reduce`` must not write to its arguments. Returns
+        ``(flux, w, masked, reduce(...))``, ``masked`` True when that flux is 0 at bad pixels;
+        ``bad`` (bool, the block's shape) is filled.
         """
-        flux, ivar = self._flux[:, sl], self._ivar[:, sl]
+        sel = slice(None) if rows is None else rows
+        flux, ivar = self._flux[sel, sl], self._ivar[sel, sl]
         with np.errstate(divide="ignore", invalid="ignore"):
             np.divide(1.0, ivar, out=r)
-            if not r.min() > 0:
-                return None
-        r += self._s2_dead[sl]
-        if self._extra is not None:
-            r += self._extra[:, sl]
-        np.divide(1.0, r, out=w)
-        with np.errstate(invalid="ignore", over="ignore"):
-            np.multiply(w, flux, out=wf)
-            e = np.einsum("sp,sp->s", wf, flux)
-        if not np.all(np.isfinite(e)):
-            return None
-        return flux, w, wf, e
+            clean = r.size > 0 and r.min() > 0
+        if clean:
+            r += self._s2_dead[sl]
+            if self._extra is not None:
+                r += self._extra[sel, sl]
+            np.divide(1.0, r, out=w)
+            np.equal(w, 0.0, out=bad)
+            for mend in ((True,) if self._mend else (False, True)):
+                src = flux
+                if mend:
+                    np.copyto(f, flux)
+                    np.copyto(f, 0.0, where=bad)
+                    src = f
+                with np.errstate(invalid="ignore", over="ignore"):
+                    out = reduce(src, w)
+                if np.all(np.isfinite(out[0])):
+                    return src, w, mend, out
+                self._mend = True
+        fb, rb = self._masked(sl, f, r, rows)
+        np.divide(1.0, rb, out=w)
+        np.copyto(bad, self._bad)
+        return fb, w, True, reduce(fb, w)
 
     def _blocks(self, S, P):
         width = max(16, self._BLOCK_ARRAY_BYTES // (8 * max(S, 1)))
@@ -1378,17 +1392,26 @@ class SpectrumStatistics:
         chi = np.zeros(R)
         blocks = self._blocks(R, P)
         f, r, w, m = self._buffers(R, blocks)
+        t = np.empty_like(m)
+        bad = np.empty(f.shape, dtype=bool)
+        self._mend = False
+
+        def chi_and_residual(fl, wt):
+            n = fl.shape[1]
+            mb, tb = m[:, :n], t[:, :n]
+            np.matmul(vectors, theta.T, out=mb)
+            mb -= fl
+            np.multiply(mb, wt, out=tb)  # w (model - f)
+            return np.einsum("rp,rp->r", mb, tb), tb
+
         for sl in blocks:
             n = sl.stop - sl.start
-            fb, rb = self._masked(sl, f[:, :n], r[:, :n], rows)
-            wb, mb = np.divide(1.0, rb, out=w[:, :n]), m[:, :n]
             theta = self._theta[sl]
-            np.matmul(vectors, theta.T, out=mb)
-            mb -= fb
-            chi += np.einsum("rp,rp->r", mb, mb * wb)
-            wb *= mb
-            resid += wb @ theta
-        del self._bad
+            _, _, _, (chi_b, wr) = self._block(sl, f[:, :n], r[:, :n], w[:, :n], bad[:, :n], chi_and_residual,
+                                                rows=rows)
+            chi += chi_b
+            resid += wr @ theta
+        self.__dict__.pop("_bad", None)
         return resid, chi
 
     def chi2(self, v, rows, corrected=True):

@@ -462,3 +462,108 @@ def test_known_pair_monomials_give_the_numerically_merged_training(problem, trut
     np.testing.assert_allclose(symbolic[0], numeric[0], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(symbolic[1], numeric[1], rtol=1e-8, atol=1e-15)
     np.testing.assert_allclose(symbolic[2]["theta_cov"], numeric[2]["theta_cov"], rtol=1e-8, atol=1e-15)
+
+
+def _statistics_masked_pixel_by_pixel(monkeypatch, *args, **kwargs):
+    """SpectrumStatistics with every block through the general masking path."""
+    original = SpectrumStatistics._block
+
+    def masked(self, sl, f, r, w, bad, reduce, rows=None):
+        fb, rb = self._masked(sl, f, r, rows)
+        np.divide(1.0, rb, out=w)
+        np.copyto(bad, self._bad)
+        return fb, w, True, reduce(fb, w)
+
+    monkeypatch.setattr(SpectrumStatistics, "_block", masked)
+    try:
+        return SpectrumStatistics(*args, **kwargs)
+    finally:
+        monkeypatch.setattr(SpectrumStatistics, "_block", original)
+
+
+@pytest.mark.parametrize("bad_flux", ["finite", "nan", "inf"])
+def test_unmasked_blocks_give_the_pixel_by_pixel_statistics(truth, monkeypatch, bad_flux):
+    _, flux, ivar = truth.sample(30, nan_bad=False)
+    bad = ivar == 0
+    flux[bad] = {"finite": 7.0, "nan": np.nan, "inf": np.inf}[bad_flux]
+    s2 = truth.s2.copy()
+    s2[5] = np.inf  # a dead pixel
+    theta_cov = np.abs(np.random.default_rng(2).normal(size=(truth.theta.shape[0], 55))) * 1e-6
+    kw = dict(theta_cov=theta_cov.astype(np.float32))
+    fast = SpectrumStatistics(truth.theta, flux, ivar, s2, **kw)
+    slow = _statistics_masked_pixel_by_pixel(monkeypatch, truth.theta, flux, ivar, s2, **kw)
+    for name in ("Q", "c", "e", "G"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-12, atol=1e-9, err_msg=name)
+    np.testing.assert_array_equal(fast.n_pixels, slow.n_pixels)
+    np.testing.assert_allclose(fast.snr, slow.snr, rtol=1e-6)
+    np.testing.assert_allclose(fast.mean_flux, slow.mean_flux, rtol=1e-6)
+    assert np.all(fast.n_pixels == flux.shape[1] - bad.sum(axis=1) - ~bad[:, 5])
+
+
+def test_statistics_mask_bad_ivar_and_flux_at_usable_pixels(truth, monkeypatch):
+    _, flux, ivar = truth.sample(12, nan_bad=False)
+    ivar[0, 3], ivar[1, 4], ivar[2, 5] = np.nan, np.inf, -1.0  # each marks its pixel unusable
+    flux[3, 6] = np.nan  # at a pixel whose ivar > 0
+    flux[4, 7] = np.inf
+    fast = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
+    slow = _statistics_masked_pixel_by_pixel(monkeypatch, truth.theta, flux, ivar, truth.s2)
+    np.testing.assert_allclose(fast.Q, slow.Q, rtol=1e-12)
+    np.testing.assert_allclose(fast.c, slow.c, rtol=1e-12)
+    np.testing.assert_array_equal(fast.n_pixels, slow.n_pixels)
+    assert np.all(np.isfinite(fast.Q)) and np.all(np.isfinite(fast.e))
+    assert fast.n_pixels[0] == np.count_nonzero(ivar[0] > 0) - 1 + 1  # NaN ivar: not > 0 already
+    assert fast.n_pixels[3] == np.count_nonzero(ivar[3] > 0) - 1
+
+
+def test_exact_residual_agrees_with_a_direct_sum_with_nan_flux_at_bad_pixels(truth):
+    _, flux, ivar = truth.sample(8)  # half the bad pixels hold NaN flux
+    stats = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
+    V = truth.vectorizer.get_label_vector(np.random.default_rng(3).normal(size=(3, 3)) * 0.3).T
+    rows = np.array([1, 4, 6])
+    resid, chi = stats.exact_residual(rows, V)
+    w = np.where(ivar[rows] > 0, ivar[rows] / (1 + ivar[rows] * truth.s2), 0.0)
+    r = V @ truth.theta.T - np.where(ivar[rows] > 0, flux[rows], 0.0)
+    np.testing.assert_allclose(chi, np.sum(w * r**2, axis=1), rtol=1e-10)
+    np.testing.assert_allclose(resid, (w * r) @ truth.theta, rtol=1e-9, atol=1e-9)
+
+
+def test_sorted_and_unsorted_rows_give_the_same_slots():
+    from astra_cannon.engines import _slots
+
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        rows = np.sort(rng.integers(0, 9, size=rng.integers(1, 30)))
+        shuffled = rng.permutation(rows)
+        for r in (rows, shuffled):
+            uniq, inv, slot, width = _slots(r)
+            np.testing.assert_array_equal(uniq[inv], r)
+            counts = np.bincount(inv)
+            assert width == counts.max()
+            for u in range(uniq.size):  # each value's rows numbered 0, 1, ... in order
+                np.testing.assert_array_equal(slot[inv == u], np.arange(counts[u]))
+
+
+def test_median_of_good_entries_matches_numpy_with_negative_values():
+    from astra_cannon.engines import _median_of_good
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        S, P = rng.integers(1, 5), rng.integers(1, 30)
+        values = rng.normal(rng.choice([-3.0, 0.0, 3.0]), 2.0, size=(S, P)).astype(np.float32)
+        values[rng.random((S, P)) < 0.1] = 0.0
+        bad = rng.random((S, P)) < rng.choice([0.0, 0.3, 0.95])
+        expected = [np.median(v[~b]) if (~b).any() else np.nan for v, b in zip(values, bad)]
+        np.testing.assert_allclose(_median_of_good(values, bad), expected, rtol=1e-6)
+
+
+def test_training_ignores_non_finite_flux_where_ivar_is_zero(problem):
+    A, flux, ivar = problem
+    zeroed = np.where(ivar > 0, flux, 0.0)
+    nan_flux = zeroed.copy()
+    nan_flux[ivar == 0] = np.nan
+    nan_flux[(ivar == 0) & (np.arange(flux.shape[1]) % 2 == 0)] = np.inf
+    a = train_pixels(A, zeroed, ivar, theta_covariance=True)
+    b = train_pixels(A, nan_flux, ivar, theta_covariance=True)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[2]["theta_cov"], b[2]["theta_cov"])

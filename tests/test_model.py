@@ -392,3 +392,31 @@ def _written(model, directory):
     if not path.exists():
         model.write(path)
     return path
+
+
+def test_model_noise_covariance_matches_the_exact_one_at_the_fitted_labels():
+    """The first-order inflation by the model's variance, against (J^T W' J)^-1 computed pixel by
+    pixel with m_p = v^T Cov(theta_p) v added to every pixel's noise at the returned labels."""
+    from astra_cannon.engines import khatri_rao_upper, pack_weights
+    from fixtures_numerics import TruthModel
+
+    truth = TruthModel(n_pixels=800, seed=12)
+    labels, flux, ivar = truth.sample(150)  # a small training set: eps ~ 1-10%
+    model = CannonModel(labels, flux, ivar, truth.vectorizer)
+    model.train()
+    _, tflux, tivar = truth.sample(60)
+    got, cov, meta = model.test(tflux, tivar)
+    x = model._scale(got)
+    V = model.vectorizer._vector_rows(x)
+    m = (khatri_rao_upper(V) * pack_weights(V.shape[1])) @ model.theta_cov.T
+    good = (tivar > 0) & np.isfinite(tflux)
+    w = np.where(good, 1.0 / (1.0 / np.where(good, tivar, 1.0) + model.s2 + m), 0.0)
+    J = np.einsum("pk,skl->spl", model.theta, model.vectorizer._derivative_rows(x)) / model.scales
+    exact = np.linalg.inv(np.einsum("sp,spl,spm->slm", w, J, J))
+    eps = np.sum(np.where(good, m / (1.0 / np.where(good, tivar, 1.0) + model.s2), 0.0), axis=1) / good.sum(axis=1)
+    assert np.median(eps) > 0.01  # the test means something
+    ratio = np.sqrt(np.diagonal(cov, axis1=1, axis2=2) / np.diagonal(exact, axis1=1, axis2=2))
+    assert np.all(np.abs(ratio - 1) < 0.01), (ratio.min(), ratio.max())
+    r = np.where(good, tflux - V @ model.theta.T, 0.0)
+    chi2 = np.array([d["chi_sq"] for d in meta])
+    np.testing.assert_allclose(chi2, np.sum(w * r**2, axis=1), rtol=3e-3)
