@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import threading
 import time
 
 import numpy as np
@@ -57,6 +58,9 @@ MAX_MODEL_NOISE_FRACTION = 0.5
 _CG_MAX_ITERATIONS = 200
 # Smallest batch of spectra a test-step thread is given.
 _MIN_THREAD_BATCH = 128
+# Default batches of the test step for models below and from _SINGLE_PRECISION_MIN_TERMS terms.
+_SMALL_MODEL_BATCH = 1024
+_LARGE_MODEL_BATCH = 256
 # Largest batch of spectra on the polynomial test path (see label_spectra).
 _POLYNOMIAL_BATCH = 100
 # Scale of the Newton-decrement test that accepts a polished polynomial fit (tests set it
@@ -102,10 +106,29 @@ def _small_matrix_blas():
 
 
 _CONTROLLER = None
+# ``active`` is set (per thread) while a thread of a pool works on batches next to others.
+_THREADED = threading.local()
 
 
+def _in_pool(fn):
+    """``fn`` for a thread pool: marks the worker thread as one of several while it runs."""
+
+    def run(*args):
+        _THREADED.active = True
+        try:
+            return fn(*args)
+        finally:
+            _THREADED.active = False
+
+    return run
+
+
+@functools.lru_cache(maxsize=16)
 def _upper_indices(K):
-    return np.triu_indices(K)
+    """``numpy.triu_indices(K)``, read-only and cached (it costs ~0.1 ms, called per batch)."""
+    iu, ju = np.triu_indices(K)
+    iu.flags.writeable = ju.flags.writeable = False
+    return iu, ju
 
 
 def khatri_rao_upper(X):
@@ -251,6 +274,33 @@ def _solve_spd(M, b):
             except np.linalg.LinAlgError:
                 out[chunk] = (np.linalg.pinv(M[chunk], hermitian=True) @ b[chunk, :, None])[..., 0]
         return out
+
+
+def _solve_spd_small(M, b):
+    """``_solve_spd`` for a stack of small symmetric positive-definite matrices (up to 4 x 4):
+    Cholesky written out over the stack, a few dozen whole-stack operations instead of a
+    LAPACK call per matrix (7x faster for 3 x 3). Matrices that are not positive definite go
+    to :func:`_solve_spd`. Faster than LAPACK from ~300 matrices on."""
+    n, L = b.shape
+    Lm = np.zeros((L, L, n))
+    bad = np.zeros(n, dtype=bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for j in range(L):
+            d = M[:, j, j] - sum(Lm[j, k] ** 2 for k in range(j))
+            bad |= ~(d > 0)
+            Lm[j, j] = np.sqrt(np.where(d > 0, d, 1.0))
+            for i in range(j + 1, L):
+                Lm[i, j] = (M[:, i, j] - sum(Lm[i, k] * Lm[j, k] for k in range(j))) / Lm[j, j]
+        y = [None] * L
+        for i in range(L):
+            y[i] = (b[:, i] - sum(Lm[i, k] * y[k] for k in range(i))) / Lm[i, i]
+        x = np.empty((n, L))
+        for i in range(L - 1, -1, -1):
+            x[:, i] = (y[i] - sum(Lm[k, i] * x[:, k] for k in range(i + 1, L))) / Lm[i, i]
+    bad |= ~np.all(np.isfinite(x), axis=1)
+    if bad.any():
+        x[bad] = _solve_spd(M[bad], b[bad])
+    return x
 
 
 def _apply_censoring(M, b, censored):
@@ -1129,8 +1179,11 @@ class SpectrumStatistics:
         accuracy around a point. ``c``, ``e`` are always float64.
     """
 
-    # Budget for one (spectra x pixel block) float64 array of the elementwise work.
+    # Budget for one (spectra x pixel block) float64 array of the elementwise work: in cache
+    # for one thread; in threads, numpy operations this short hand the interpreter lock back
+    # and forth faster than they compute, and 2 MB blocks run 1.7x faster on 2 cores (measured).
     _BLOCK_ARRAY_BYTES = 512 * 2**10
+    _THREADED_BLOCK_ARRAY_BYTES = 2 * 2**20
 
     def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None,
                  summaries=True, candidates=None, merged=False):
@@ -1145,49 +1198,14 @@ class SpectrumStatistics:
         self._theta, self._pairs, self.K = theta, theta_pairs, theta.shape[1]
         self.single = _single_precision(self.K) if theta_pairs is None else theta_pairs.dtype == np.float32
         self._extra = extra_variance
-        fsum = np.zeros(S)
         # Batch-sized arrays are avoided (each is page-faulted in afresh, ~0.4 ms/MB); the
         # S/N median needs whole rows, in float32, and the bad pixels are found once at the end.
         snr_vals = np.empty((S, P), dtype=np.float32) if summaries else None
         bad_all = np.empty((S, P), dtype=bool)
-        self._start(S, theta_cov is not None)
-        self.grid = None if candidates is None else np.zeros((S, len(candidates)))
-        blocks = self._blocks(S, P)
-        f, r, w, wf = self._buffers(S, blocks)
-        if summaries:
-            ones = np.ones(f.shape[1], dtype=np.float32)
-            snr_f32 = np.empty(f.shape, dtype=np.float32)
-            good = np.empty(f.shape, dtype=bool)
-        self._mend = False
-        for sl in blocks:
-            n = sl.stop - sl.start
-            cov_block = None if theta_cov is None else theta_cov[sl]
-            fb, wb, masked, (e_block, wfb) = self._block(sl, f[:, :n], r[:, :n], w[:, :n], bad_all[:, sl],
-                                                         lambda fl, wt: _weighted_flux(fl, wt, wf[:, :n]))
-            w32 = None
-            if summaries:
-                # w in float32 once, for G's product and the S/N below
-                w32 = snr_vals[:, sl]
-                np.copyto(w32, wb, casting="same_kind")
-            self._add(wb, wfb, e_block, sl, cov_block, w32)
-            if candidates is not None:
-                # sum w m^2 - 2 sum w f m for every candidate model spectrum m (e added below)
-                model = candidates @ self._theta[sl].T
-                self.grid += wb @ (model * model).T
-                self.grid -= 2 * (wfb @ model.T)
-            if summaries:
-                # mean flux over usable pixels and S/N = median of f sqrt(w) over them, in
-                # float32 (7 digits suffice for both; float32 operands throughout: a mixed-
-                # precision product is 4x slower)
-                f32 = snr_f32[:, :n]
-                np.copyto(f32, fb, casting="same_kind")
-                if not masked:
-                    f32 *= np.logical_not(bad_all[:, sl], out=good[:, :n])  # (finite there: zero it)
-                fsum += f32 @ ones[:n]
-                out = snr_vals[:, sl]
-                np.sqrt(out, out=out)
-                out *= f32
-        self.__dict__.pop("_bad", None)
+        blocks = self._blocks(S, P, threaded=getattr(_THREADED, "active", False))
+        sums = self._sweep(blocks, theta_cov, candidates, snr_vals, bad_all)
+        self._Qf, self.c, self.e, self._Gf, self.grid = sums["q"], sums["c"], sums["e"], sums["g"], sums["grid"]
+        fsum = sums["fsum"]
         flat = np.flatnonzero(bad_all)  # row-major: each row's bad pixels in order
         rows = flat // P
         n_bad = np.bincount(rows, minlength=S)
@@ -1206,7 +1224,50 @@ class SpectrumStatistics:
             _fill_bad_with_infs(snr_vals.reshape(-1), flat, rows, n_bad)
             self.snr = _balanced_median(snr_vals, n_bad)
 
-    def _block(self, sl, f, r, w, bad, reduce, rows=None):
+    def _sweep(self, blocks, theta_cov, candidates, snr_vals, bad_all):
+        """Q, c, e (G, the candidates' chi2, the flux sums) over pixel ``blocks``, as a dict of
+        sums; fills the blocks' columns of ``snr_vals`` (f sqrt(w)) and ``bad_all``."""
+        S = self._flux.shape[0]
+        Kt = self.K * (self.K + 1) // 2
+        sums = {"q": np.zeros((S, self._pairs.shape[1] if self.merged else Kt)), "c": np.zeros((S, self.K)),
+                "e": np.zeros(S), "g": np.zeros((S, Kt)) if theta_cov is not None else None,
+                "grid": None if candidates is None else np.zeros((S, len(candidates))), "fsum": np.zeros(S)}
+        f, r, w, wf = self._buffers(S, blocks)
+        if snr_vals is not None:
+            ones = np.ones(f.shape[1], dtype=np.float32)
+            snr_f32 = np.empty(f.shape, dtype=np.float32)
+            good = np.empty(f.shape, dtype=bool)
+        state = {"mend": False}
+        for sl in blocks:
+            n = sl.stop - sl.start
+            fb, wb, masked, (e_block, wfb) = self._block(sl, f[:, :n], r[:, :n], w[:, :n], bad_all[:, sl],
+                                                         lambda fl, wt: _weighted_flux(fl, wt, wf[:, :n]), state)
+            w32 = None
+            if snr_vals is not None:
+                # w in float32 once, for G's product and the S/N below
+                w32 = snr_vals[:, sl]
+                np.copyto(w32, wb, casting="same_kind")
+            self._add(sums, wb, wfb, e_block, sl, None if theta_cov is None else theta_cov[sl], w32)
+            if candidates is not None:
+                # sum w m^2 - 2 sum w f m for every candidate model spectrum m (e added later)
+                model = candidates @ self._theta[sl].T
+                sums["grid"] += wb @ (model * model).T
+                sums["grid"] -= 2 * (wfb @ model.T)
+            if snr_vals is not None:
+                # mean flux over usable pixels and S/N = median of f sqrt(w) over them, in
+                # float32 (7 digits suffice for both; float32 operands throughout: a mixed-
+                # precision product is 4x slower)
+                f32 = snr_f32[:, :n]
+                np.copyto(f32, fb, casting="same_kind")
+                if not masked:
+                    f32 *= np.logical_not(bad_all[:, sl], out=good[:, :n])  # (finite there: zero it)
+                sums["fsum"] += f32 @ ones[:n]
+                out = snr_vals[:, sl]
+                np.sqrt(out, out=out)
+                out *= f32
+        return sums
+
+    def _block(self, sl, f, r, w, bad, reduce, state, rows=None):
         """Weights ``w`` (0 at bad pixels) and flux of pixel block ``sl`` (of spectra ``rows``,
         default all), and ``reduce(flux, w)``, whose first item must come out finite.
 
@@ -1215,11 +1276,11 @@ class SpectrumStatistics:
         elementwise passes of :meth:`_masked`: any non-finite or negative ivar shows in
         ``min(1/ivar) > 0`` failing (NaN, 0 or < 0), a non-finite flux in a non-finite result
         (``0 * nan`` is NaN too); dead pixels (``s2 = inf``) get ``w = 0``. Bad pixels' flux is
-        often NaN (e.g. apStar files): once a block shows it, the flux of bad pixels is zeroed
-        (one select) in this and later blocks. Anything else (NaN flux where ivar > 0) is
-        masked pixel by pixel. ``reduce`` must not write to its arguments. Returns
-        ``(flux, w, masked, reduce(...))``, ``masked`` True when that flux is 0 at bad pixels;
-        ``bad`` (bool, the block's shape) is filled.
+        often NaN (e.g. apStar files): once a block shows it (``state["mend"]``), the flux of
+        bad pixels is zeroed (one select) in this and later blocks. Anything else (NaN flux
+        where ivar > 0) is masked pixel by pixel. ``reduce`` must not write to its arguments.
+        Returns ``(flux, w, masked, reduce(...))``, ``masked`` True when that flux is 0 at bad
+        pixels; ``bad`` (bool, the block's shape) is filled.
         """
         sel = slice(None) if rows is None else rows
         flux, ivar = self._flux[sel, sl], self._ivar[sel, sl]
@@ -1232,7 +1293,7 @@ class SpectrumStatistics:
                 r += self._extra[sel, sl]
             np.divide(1.0, r, out=w)
             np.equal(w, 0.0, out=bad)
-            for mend in ((True,) if self._mend else (False, True)):
+            for mend in ((True,) if state["mend"] else (False, True)):
                 src = flux
                 if mend:
                     np.copyto(f, flux)
@@ -1242,14 +1303,14 @@ class SpectrumStatistics:
                     out = reduce(src, w)
                 if np.all(np.isfinite(out[0])):
                     return src, w, mend, out
-                self._mend = True
-        fb, rb = self._masked(sl, f, r, rows)
+                state["mend"] = True
+        fb, rb, _ = self._masked(sl, f, r, bad, rows)
         np.divide(1.0, rb, out=w)
-        np.copyto(bad, self._bad)
         return fb, w, True, reduce(fb, w)
 
-    def _blocks(self, S, P):
-        width = max(16, self._BLOCK_ARRAY_BYTES // (8 * max(S, 1)))
+    def _blocks(self, S, P, threaded=False):
+        budget = self._THREADED_BLOCK_ARRAY_BYTES if threaded else self._BLOCK_ARRAY_BYTES
+        width = max(16, budget // (8 * max(S, 1)))
         if self._pairs is None:
             # The block's Khatri-Rao table of theta is built on the fly: bound it too.
             width = min(width, max(1, _BLOCK_BYTES // (8 * self.K * (self.K + 1) // 2)))
@@ -1260,14 +1321,14 @@ class SpectrumStatistics:
         width = max(sl.stop - sl.start for sl in blocks) if blocks else 0
         return [np.empty((S, width)) for _ in range(4)]
 
-    def _masked(self, sl, f, r, rows=None):
+    def _masked(self, sl, f, r, bad, rows=None):
         """Masked flux (0 where unusable) and total variance ``1/ivar + s2`` (inf where unusable,
-        so that the weight ``1/variance`` is 0) of pixel block ``sl``, written into ``f``, ``r``;
-        plus the extra variance these statistics were built with.
+        so that the weight ``1/variance`` is 0) of pixel block ``sl``, written into ``f``, ``r``,
+        and the block's bad-pixel mask, into ``bad``; plus the extra variance these statistics
+        were built with.
 
         ``rows``: a subset of this object's spectra (default all). Recomputed from the input in
-        every pass: cheaper than keeping batch-sized copies. Leaves the block's bad-pixel mask
-        in ``self._bad``.
+        every pass: cheaper than keeping batch-sized copies.
         """
         rows = slice(None) if rows is None else rows
         flux, ivar = self._flux[rows, sl], self._ivar[rows, sl]
@@ -1280,52 +1341,27 @@ class SpectrumStatistics:
                 good &= self._alive[sl]
             np.divide(1.0, ivar, out=r)
         r += self._s2[sl]
-        self._bad = bad = np.logical_not(good, out=good)
+        np.logical_not(good, out=bad)
         np.copyto(f, 0.0, where=bad)
         np.copyto(r, np.inf, where=bad)
         if self._extra is not None:
             r += self._extra[rows, sl]
-        return f, r
+        return f, r, bad
 
-    def _start(self, S, with_g):
-        Kt = self.K * (self.K + 1) // 2
-        self._Qf = np.zeros((S, self._pairs.shape[1] if getattr(self, "merged", False) else Kt))
-        self.c = np.zeros((S, self.K))
-        self.e = np.zeros(S)
-        self._Gf = np.zeros((S, Kt)) if with_g else None
-
-    def _accumulate(self, f, r, sl, theta_cov, w, wf, model_var=None):
-        """Add the pixel block ``sl`` (masked flux ``f``, variance ``r``) to Q, c, e and G.
-
-        ``theta_cov``: the block's rows of the packed theta covariance (G is computed in its
-        dtype); ``model_var`` is added to ``r`` first; ``w``, ``wf`` are scratch buffers.
-        Returns the block's weights (a view of ``w``).
-        """
-        n = sl.stop - sl.start
-        w, wf = w[:, :n], wf[:, :n]
-        if model_var is None:
-            np.divide(1.0, r, out=w)
-        else:
-            np.add(r, model_var, out=w)
-            np.divide(1.0, w, out=w)
-        np.multiply(w, f, out=wf)
-        self._add(w, wf, np.einsum("sp,sp->s", wf, f), sl, theta_cov)
-        return w
-
-    def _add(self, w, wf, e, sl, theta_cov, w32=None):
-        """Add a pixel block's weights ``w`` and ``w f`` (and its ``sum w f^2``) to Q, c, e, G;
-        ``w32``: ``w`` in float32 where at hand (G is built from it)."""
+    def _add(self, sums, w, wf, e, sl, theta_cov, w32=None):
+        """Add a pixel block's weights ``w`` and ``w f`` (and its ``sum w f^2``) to the sums of
+        Q, c, e, G; ``w32``: ``w`` in float32 where at hand (G is built from it)."""
         if self._pairs is not None:
             pairs = self._pairs[sl]
         else:
             pairs = _pairs_table(self._theta[sl], np.float32 if self.single else np.float64)
-        self._Qf += w.astype(pairs.dtype, copy=False) @ pairs
-        self.c += wf @ self._theta[sl]
-        self.e += e
+        sums["q"] += w.astype(pairs.dtype, copy=False) @ pairs
+        sums["c"] += wf @ self._theta[sl]
+        sums["e"] += e
         if theta_cov is not None:
             if w32 is None or theta_cov.dtype != np.float32:
                 w32 = w.astype(theta_cov.dtype, copy=False)
-            self._Gf += w32 @ theta_cov
+            sums["g"] += w32 @ theta_cov
 
     def _finish(self):
         if getattr(self, "merged", False):
@@ -1394,7 +1430,7 @@ class SpectrumStatistics:
         f, r, w, m = self._buffers(R, blocks)
         t = np.empty_like(m)
         bad = np.empty(f.shape, dtype=bool)
-        self._mend = False
+        state = {"mend": False}
 
         def chi_and_residual(fl, wt):
             n = fl.shape[1]
@@ -1408,10 +1444,9 @@ class SpectrumStatistics:
             n = sl.stop - sl.start
             theta = self._theta[sl]
             _, _, _, (chi_b, wr) = self._block(sl, f[:, :n], r[:, :n], w[:, :n], bad[:, :n], chi_and_residual,
-                                                rows=rows)
+                                                state, rows=rows)
             chi += chi_b
             resid += wr @ theta
-        self.__dict__.pop("_bad", None)
         return resid, chi
 
     def chi2(self, v, rows, corrected=True):
@@ -1537,7 +1572,8 @@ def _damped_step(H, g, lam, chi2_atol):
     eye = np.eye(L)
     dH = np.abs(np.einsum("rll->rl", H))
     A = H + lam[:, None, None] * (dH[:, :, None] * eye + 1e-12 * eye)
-    sol = _solve_spd(np.concatenate([A, H + 1e-12 * eye]), np.concatenate([g, g]))
+    solve = _solve_spd_small if L <= 4 and n >= 150 else _solve_spd  # (its fixed cost: ~0.1 ms)
+    sol = solve(np.concatenate([A, H + 1e-12 * eye]), np.concatenate([g, g]))
     status = np.zeros(n, dtype=int)
     status[np.abs(np.einsum("rl,rl->r", g, sol[n:])) <= chi2_atol] = 1
     return sol[:n], status
@@ -1849,10 +1885,11 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
     if corrected:
         stats.Qfit = stats.Q  # the plain objective first: Q - G is safe only near an optimum
     with _small_matrix_blas():
-        # Before the corrected refit (which moves labels by ~1 sigma) the plain optimum is
-        # only a start: 1e-4 in chi2 (1e-2 sigma) is enough.
+        # Every start to 1e-2 in chi2 (0.1 sigma), enough to rank them; only the best of each
+        # spectrum is then taken to the optimiser's tolerance (its iterations near the optimum
+        # cost as much as the whole search when run for every start).
         x, chi, nfev, ier = _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=max_iterations,
-                                                 chi2_atol=1e-4 if corrected else 1e-10)
+                                                 chi2_atol=1e-2)
     chi_r = np.where(np.isfinite(chi), chi, np.inf).reshape(ok.size, k)
     best = np.argmin(chi_r, axis=1)
     pick = np.arange(ok.size) * k + best
@@ -1864,6 +1901,9 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
         stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok, nfev_total, ier_b, max_iterations)
     if not corrected:
         with _small_matrix_blas():
+            if not single:
+                xb, chib, nfev2, ier2 = _levenberg_marquardt(stats, vectorizer, xb, ok, max_iterations=max_iterations)
+                nfev_total, ier_b = nfev_total + nfev2, np.where(ier2 == 1, ier_b, ier2)
             cov = _covariance(stats, vectorizer, xb, ok)
         return pick, xb, chib, cov, nfev_total, ier_b, single
     # The corrected score from the plain optimum, on the same statistics.
@@ -1912,7 +1952,7 @@ def pack_weights(K):
 
 
 def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, n_optimise=3,
-                 optimise_all=False, max_iterations=100, batch_size=256, normalised_range=(0.5, 1.5),
+                 optimise_all=False, max_iterations=100, batch_size=None, normalised_range=(0.5, 1.5),
                  theta_cov=None, progress=None, theta_pairs=None, n_threads=None):
     """Fit labels for many spectra at once.
 
@@ -1930,8 +1970,10 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         Optimise from the best ``n_optimise`` candidates by chi2 (all when ``optimise_all``).
     max_iterations : int
         Levenberg-Marquardt iterations per start.
-    batch_size : int
-        Spectra processed together (bounds memory).
+    batch_size : int, optional
+        Spectra processed together (bounds memory: ``batch_size * K^2`` floats for ``Q``, and
+        ``batch_size * P`` for the S/N). By default 1024 below 28 terms, where the per-batch
+        cost of the optimiser's many small operations dominates, else 256.
     normalised_range : (float, float)
         A spectrum whose mean usable flux lies outside this range is flagged
         ``UNNORMALISED_FLUX`` and not fitted.
@@ -1990,12 +2032,15 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     # G (the model-noise correction of the objective) comes from float32 products: it is a
     # correction, so their ~1e-7 relative error is far below what matters.
     theta_cov32 = None if theta_cov is None else np.asarray(theta_cov, dtype=np.float32)
+    if batch_size is None:
+        batch_size = _SMALL_MODEL_BATCH if K < _SINGLE_PRECISION_MIN_TERMS else _LARGE_MODEL_BATCH
     if n_threads is None:
         n_threads = _blas_threads()
     if n_threads > 1:
-        # Two batches per thread let the threads finish together, but batches below ~128
-        # spectra lose more to smaller matrix products than the balance gains (measured).
-        batch_size = min(batch_size, max(_MIN_THREAD_BATCH, -(-S // (2 * n_threads))))
+        # As many batches for every thread, of at least ~128 spectra where there are enough
+        # (smaller ones lose more to smaller matrix products than the balance gains, measured).
+        n_batches = n_threads * max(1, S // (n_threads * _MIN_THREAD_BATCH))
+        batch_size = min(batch_size, max(1, -(-S // n_batches)))
     if basis is not None:
         # The polynomial fit reads per-spectrum coefficient stacks every iteration (~230 kB a
         # spectrum at 17 labels): batches that keep them in cache run 25% faster (measured,
@@ -2088,7 +2133,7 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             # batches are independent: threads share them, each with a single-threaded BLAS
             stack.enter_context(_blas_limit(1))
             done = stack.enter_context(concurrent.futures.ThreadPoolExecutor(n_threads)).map(
-                run_batch, range(0, S, batch_size))
+                _in_pool(run_batch), range(0, S, batch_size))
         else:
             done = map(run_batch, range(0, S, batch_size))
         for nb in done:

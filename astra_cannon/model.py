@@ -315,7 +315,7 @@ class CannonModel:
             points.extend(labels[picks])
         return np.array(points)
 
-    def test(self, flux, ivar, initial_labels=None, n_init=16, n_optimise=3, max_iterations=100, batch_size=256,
+    def test(self, flux, ivar, initial_labels=None, n_init=16, n_optimise=3, max_iterations=100, batch_size=None,
              rchi2_threshold=None, hull_tolerance=0.1, model_uncertainty=True, progress=None):
         """Fit labels to many spectra.
 
@@ -335,8 +335,9 @@ class CannonModel:
             Number of training-set candidates; number of them optimised.
         max_iterations : int
             Levenberg-Marquardt iterations per start.
-        batch_size : int
-            Spectra per batch (memory grows with ``batch_size * K^2``).
+        batch_size : int, optional
+            Spectra per batch (memory grows with ``batch_size * K^2``); by default 1024 below 28
+            terms, 256 from there.
         rchi2_threshold : float, optional
             Flag ``LARGE_RCHI2`` above this reduced chi2.
         hull_tolerance : float
@@ -384,7 +385,7 @@ class CannonModel:
         return out["labels"], out["cov"], self.meta_from_arrays(out)
 
     def test_arrays(self, flux, ivar, initial_labels=None, n_init=16, n_optimise=3, max_iterations=100,
-                    batch_size=256, rchi2_threshold=None, hull_tolerance=0.1, model_uncertainty=True,
+                    batch_size=None, rchi2_threshold=None, hull_tolerance=0.1, model_uncertainty=True,
                     progress=None):
         """Like :meth:`test`, but returns the per-spectrum results as a dict of arrays.
 
@@ -501,11 +502,14 @@ class CannonModel:
         n_labels = len(names)
 
         def clean(values):
-            # tolist() once per column is far cheaper than converting each numpy scalar.
-            return [None if isinstance(v, float) and not np.isfinite(v) else v for v in values]
+            # tolist() once per column is far cheaper than converting each numpy scalar; NaN
+            # and inf (no JSON numbers) become None.
+            if np.all(np.isfinite(values)):
+                return values.tolist()
+            return [v if np.isfinite(v) else None for v in values.tolist()]
 
-        chi2, rchi2, snr = clean(out["chi2"].tolist()), clean(out["rchi2"].tolist()), clean(out["snr"].tolist())
-        x0 = [clean(row) for row in out["x0"].tolist()]
+        chi2, rchi2, snr = clean(out["chi2"]), clean(out["rchi2"]), clean(out["snr"])
+        x0 = [clean(row) for row in out["x0"]] if not np.all(np.isfinite(out["x0"])) else out["x0"].tolist()
         t_el = out["t_elapsed"].tolist()
         flags, n_pix = out["flags"].tolist(), out["n_pixels"].tolist()
         ier, nfev, start = out["ier"].tolist(), out["nfev"].tolist(), out["start_index"].tolist()
