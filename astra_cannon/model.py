@@ -410,7 +410,7 @@ class CannonModel:
                 starts = starts[None, :]
             if starts.shape[-1] != L or starts.ndim not in (2, 3) or (starts.ndim == 3 and starts.shape[0] != flux.shape[0]):
                 raise ValueError(f"initial_labels must have shape (L,), (C, L) or (S, C, L) with L = {L}, got {starts.shape}")
-        theta_cov = self.theta_cov if model_uncertainty else None
+        theta_cov = self._theta_cov_single() if model_uncertainty else None
         basis = monomial_basis_for(self.vectorizer, P, theta_cov)
         out = label_spectra(self.theta, self.s2, self.vectorizer, self.fiducials, self.scales, flux, ivar, starts,
                            n_optimise=n_optimise, optimise_all=optimise_all, max_iterations=max_iterations,
@@ -427,6 +427,17 @@ class CannonModel:
             out["flags"][ok & (out["rchi2"] > rchi2_threshold)] |= F.LARGE_RCHI2
         out["t_elapsed"] = np.full(flux.shape[0], (time.perf_counter() - t0) / max(1, flux.shape[0]))
         return out
+
+    def _theta_cov_single(self):
+        """``theta_cov`` in float32, as the test step uses it (for the model-noise correction,
+        a correction: float32 is ample), kept between calls while ``theta_cov`` is unchanged
+        (compared in full, as for the theta table)."""
+        if self.theta_cov is None:
+            return None
+        kept = getattr(self, "_theta_cov32", None)
+        if kept is None or kept[0].shape != self.theta_cov.shape or not np.array_equal(kept[0], self.theta_cov):
+            kept = self._theta_cov32 = (self.theta_cov.copy(), self.theta_cov.astype(np.float32))
+        return kept[1]
 
     def keep_test_table(self, path, model_uncertainty=True, min_bytes=None):
         """Keep the test step's table of theta products in a file, shared by processes.

@@ -579,3 +579,13 @@ def test_small_matrix_solve_matches_lapack_and_falls_back_where_not_positive_def
         M[0] = 0.0  # singular: pseudo-inverse, as in _solve_spd
         M[1] = -np.eye(L)  # negative definite: solved exactly all the same
         np.testing.assert_allclose(_solve_spd_small(M, b), _solve_spd(M.copy(), b.copy()), rtol=1e-9, atol=1e-12)
+
+
+def test_reused_scratch_buffers_leave_no_trace_between_batches(truth):
+    _, flux, ivar = truth.sample(30)
+    _, other_flux, other_ivar = truth.sample(10, bad_fraction=0.5)
+    first = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
+    SpectrumStatistics(truth.theta, other_flux, other_ivar, truth.s2)  # other shapes and masks
+    again = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
+    for name in ("Q", "c", "e", "snr", "mean_flux", "n_pixels"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name), err_msg=name)

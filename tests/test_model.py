@@ -420,3 +420,17 @@ def test_model_noise_covariance_matches_the_exact_one_at_the_fitted_labels():
     r = np.where(good, tflux - V @ model.theta.T, 0.0)
     chi2 = np.array([d["chi_sq"] for d in meta])
     np.testing.assert_allclose(chi2, np.sum(w * r**2, axis=1), rtol=3e-3)
+
+
+def test_an_edited_theta_covariance_is_not_paired_with_a_stale_float32_copy(trained):
+    model, truth = trained
+    _, flux, ivar = truth.sample(4)
+    first = model._theta_cov_single()
+    assert first is model._theta_cov_single()  # kept between calls
+    saved = model.theta_cov.copy()
+    try:
+        model.theta_cov *= 4.0
+        np.testing.assert_allclose(model._theta_cov_single(), 4.0 * first, rtol=1e-6)
+    finally:
+        model.theta_cov[:] = saved
+    np.testing.assert_allclose(model._theta_cov_single(), first)
