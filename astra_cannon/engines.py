@@ -1241,8 +1241,9 @@ class SpectrumStatistics:
     """
 
     # Budget for one (spectra x pixel block) float64 array of the elementwise work: in cache
-    # for one thread; in threads, numpy operations this short hand the interpreter lock back
-    # and forth faster than they compute, and 2 MB blocks run 1.7x faster on 2 cores (measured).
+    # for one thread; in threads, operations this short hand the interpreter lock back and
+    # forth about as often as they compute (elementwise work on 512 kB blocks ran 1.2x faster
+    # on 2 cores than on one, on 2 MB blocks 1.7x; measured).
     _BLOCK_ARRAY_BYTES = 512 * 2**10
     _THREADED_BLOCK_ARRAY_BYTES = 2 * 2**20
 
