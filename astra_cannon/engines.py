@@ -1210,8 +1210,8 @@ class SpectrumStatistics:
     extra_variance : ndarray, shape (S, P), optional
         Variance added to every pixel's noise, on top of ``s2``.
     theta_cov : ndarray, shape (P, K (K + 1) / 2), optional
-        Packed per-pixel covariance of theta. When given, the fit objective is corrected for
-        the model's noise: ``Qfit = Q - G`` with ``G = sum_p w_p Cov(theta_p)``. Without it the
+        Packed per-pixel covariance of theta. When given, ``G = sum_p w_p Cov(theta_p)`` is
+        built too, and :meth:`limit_correction` makes the fit objective ``Qfit = Q - G``. Without it the
         fitted labels are pulled towards where the model is best determined (the training
         set's centre), because the squared model error ``v^T Cov(theta_p) v`` grows away from
         it; subtracting its expectation removes that bias (a corrected score). ``Q`` itself
@@ -1226,7 +1226,8 @@ class SpectrumStatistics:
     Attributes
     ----------
     Q, Qfit, G : ndarray, shape (S, K, K)
-        ``G`` is None without ``theta_cov``; ``Qfit`` is ``Q - G`` (or ``Q``).
+        ``G`` is None without ``theta_cov``; ``Qfit`` is ``Q`` (the plain objective: ``Q - G`` is
+        safe only near an optimum) until :meth:`limit_correction` corrects it there.
     c : ndarray, shape (S, K)
     e, n_pixels : ndarray, shape (S,)
     snr, mean_flux : ndarray, shape (S,)
@@ -1433,10 +1434,7 @@ class SpectrumStatistics:
             return
         self.Q = unpack_symmetric(self._Qf, self.K)
         self.Qfit = self.Q
-        self.G = None
-        if self._Gf is not None:
-            self.G = unpack_symmetric(self._Gf, self.K)
-            self.Qfit = self.Q - self.G
+        self.G = None if self._Gf is None else unpack_symmetric(self._Gf, self.K)
         del self._Qf, self._Gf
 
     def limit_correction(self, vectorizer, x):
@@ -1944,8 +1942,6 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
     down to -8% in sigma where the correction moves the labels.)
     """
     corrected = stats.G is not None
-    if corrected:
-        stats.Qfit = stats.Q  # the plain objective first: Q - G is safe only near an optimum
     with _small_matrix_blas():
         # Every start to 1e-2 in chi2 (0.1 sigma), enough to rank them; only the best of each
         # spectrum is then taken to the optimiser's tolerance (its iterations near the optimum
@@ -2123,8 +2119,6 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         grid_vectors = vectorizer._vector_rows((starts - fiducials) / scales) if exact_grid else None
         stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, theta_pairs=pairs, candidates=grid_vectors,
                                    merged=basis is not None, theta_cov=theta_cov32)
-        if stats.G is not None:
-            stats.Qfit = stats.Q  # starts are ranked on the plain objective
         nb = sl.stop - sl.start
         n_pix = stats.n_pixels
         out["n_pixels"][sl] = n_pix
