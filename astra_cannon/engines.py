@@ -51,9 +51,11 @@ _PAIRS_CACHE_BYTES = 256 * 2**20
 # pixels: 0.5 GB in float32).
 _PAIRS_KEEP_BYTES = 1280 * 2**20
 _SINGLE_PRECISION_MIN_TERMS = 28
-# Largest share of a spectrum's label information that the model's own noise may take for the
-# corrected-score fit to be used (see SpectrumStatistics).
-MAX_MODEL_NOISE_FRACTION = 0.5
+# Largest share of a spectrum's label curvature that the model's own noise may take for the
+# corrected-score fit to be used (see SpectrumStatistics.limit_correction). The corrected fit's
+# variance grows as 1 / (1 - share)^2 along that direction (up to 100x at 0.9), which its
+# covariance reports; beyond it the label direction is set by the model's noise, not the data.
+MAX_MODEL_NOISE_FRACTION = 0.9
 # Conjugate-gradient iterations per solve before a pixel falls back to the direct solve.
 _CG_MAX_ITERATIONS = 200
 # Smallest batch of spectra a test-step thread is given.
@@ -1438,12 +1440,15 @@ class SpectrumStatistics:
         del self._Qf, self._Gf
 
     def limit_correction(self, vectorizer, x):
-        """Keep the model-noise correction only where it is a first-order one.
+        """Use the model-noise correction where the data, not the model's noise, set the labels.
 
         At labels ``x`` (one row per spectrum), the correction's curvature in label space,
         ``D^T G D``, must stay below ``MAX_MODEL_NOISE_FRACTION`` of the data's, ``D^T Q D``
-        (all generalised eigenvalues); elsewhere (a model with too few training stars for its
-        terms) the spectrum keeps the plain objective. Returns the mask of corrected spectra.
+        (all generalised eigenvalues), so that the corrected objective is safely convex there.
+        Elsewhere (labels far from most training stars, or a model with too few of them for
+        its terms) the spectrum keeps the plain objective, and :func:`_fit_with_q` adds that
+        fit's expected bias to its covariance and flags it. Returns the mask of corrected
+        spectra; the largest eigenvalue of every spectrum is kept as ``model_noise_share``.
         """
         if self.G is None:
             return np.zeros(len(self.Q), dtype=bool)
@@ -1454,6 +1459,7 @@ class SpectrumStatistics:
         root = vecs / np.sqrt(np.where(vals > 0, vals, np.inf))[:, None, :]
         ratio = np.linalg.eigvalsh(np.transpose(root, (0, 2, 1)) @ HG @ root).max(axis=1)
         corrected = ok & (ratio <= MAX_MODEL_NOISE_FRACTION)
+        self.model_noise_share = np.where(ok, ratio, np.inf)
         self.Qfit = np.where(corrected[:, None, None], self.Q - self.G, self.Q)
         return corrected
 
@@ -1926,20 +1932,28 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
     """The whole fit on ``Q`` statistics: Levenberg-Marquardt from every start, the best of
     each spectrum polished (single precision), then corrected for the model's own noise when
     ``stats`` carries ``G``, then the covariance. Returns what :func:`_polynomial_fit` returns,
-    plus whether the statistics were single precision.
+    plus whether the statistics were single precision and, per spectrum, whether the model's
+    noise dominated it (``MODEL_NOISE_DOMINATED``).
 
     The model's noise. ``G = sum_p w_p Cov(theta_p)`` comes from the same pass over the pixels
     as ``Q``, so the corrected score ``Q - G`` (see :class:`SpectrumStatistics`) is refitted
-    from the plain optimum without reading the pixels again. The model's variance
-    ``m_p = v^T Cov(theta_p) v`` also adds a fraction ``eps_p = w_p m_p`` to each pixel's noise
-    variance; with its mean at the fitted labels, ``eps = v^T G v / n``, the covariance is
-    multiplied by ``1 + eps`` and chi2 divided by it (exact for a uniform ``eps_p``; the
-    re-weighting would move the labels by a second-order amount). Against the covariance
-    with the model variance at the fitted labels in every pixel, ``(J^T W' J)^-1``, this was
-    measured within 0.3% (1000 training stars, eps up to 0.16) and 0.7% (300 stars, eps up
-    to 0.4) in sigma, chi2 within 0.06%. (Rebuilding the statistics with the inflated noise
-    at the plain optimum, which an earlier version did, is 1.5x slower and further from it:
-    down to -8% in sigma where the correction moves the labels.)
+    from the plain optimum without reading the pixels again. Its covariance is the sandwich
+    ``Hc^-1 H Hc^-1``, with ``H = D^T Q D`` the curvature of the noise the fit sees and
+    ``Hc = D^T (Q - G) D`` that of the objective it minimises: the correction removes the
+    pull towards the training set's centre by stretching the plain fit's response to the data
+    (and so to their noise), by up to ``1 / (1 - share)`` along the direction where the model's
+    noise takes the largest ``share`` of the curvature. Reporting ``H^-1`` there instead
+    understated the errors 3-7x in sigma (300 training stars, 15 terms; measured against a
+    Monte Carlo over the training set's noise, which the sandwich matched to ~2%).
+    The model's variance ``m_p = v^T Cov(theta_p) v`` also adds a fraction ``eps_p = w_p m_p``
+    to each pixel's noise variance; with its mean at the fitted labels, ``eps = v^T G v / n``,
+    the covariance is multiplied by ``1 + eps`` and chi2 divided by it (exact for a uniform
+    ``eps_p``; the re-weighting would move the labels by a second-order amount).
+
+    Spectra where the share exceeds ``MAX_MODEL_NOISE_FRACTION`` keep the plain fit, whose
+    expected bias ``b = H^-1 D^T G v`` (towards where the model is best determined) is added to
+    the covariance as ``b b^T``: that fit's mean squared error, not a 1-sigma claim it cannot
+    make.
     """
     corrected = stats.G is not None
     with _small_matrix_blas():
@@ -1955,6 +1969,7 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
     nfev_total = nfev.reshape(ok.size, k).sum(axis=1)
     ier_b = ier[pick]
     single = stats.single
+    dominated = np.zeros(ok.size, dtype=bool)
     if stats.single:
         stats, xb, chib, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok, nfev_total, ier_b, max_iterations)
     if not corrected:
@@ -1963,24 +1978,57 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
                 xb, chib, nfev2, ier2 = _levenberg_marquardt(stats, vectorizer, xb, ok, max_iterations=max_iterations)
                 nfev_total, ier_b = nfev_total + nfev2, np.where(ier2 == 1, ier_b, ier2)
             cov = _covariance(stats, vectorizer, xb, ok)
-        return pick, xb, chib, cov, nfev_total, ier_b, single
+        return pick, xb, chib, cov, nfev_total, ier_b, single, dominated
     # The corrected score from the plain optimum, on the same statistics.
     x_all = np.zeros((len(stats.Q), xb.shape[1]))
     x_all[ok] = xb
+    plain_x, plain_ier = xb, ier_b
     with _small_matrix_blas():
-        stats.limit_correction(vectorizer, x_all)
+        dominated = ~stats.limit_correction(vectorizer, x_all)[ok]
         xb, _, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok, max_iterations=max_iterations)
     nfev_total = nfev_total + nfev2
     if stats.single:
         stats, xb, _, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok, nfev_total, ier_b, max_iterations)
+    # Far from the plain optimum Q - G can lose its convexity (it is a local correction): a
+    # corrected fit that ran away, or ended where it is not convex, keeps the plain one.
+    with _small_matrix_blas():
+        Hc, _ = _gauss_newton(stats.Qfit[ok], vectorizer, xb)
+    with np.errstate(invalid="ignore"):
+        runaway = ~dominated & ((ier_b == 5) | ~np.all(np.isfinite(xb), axis=1)
+                                | ~(np.linalg.eigvalsh(np.where(np.isfinite(Hc), Hc, 0.0))[:, 0] > 0))
+    if runaway.any():
+        r = np.flatnonzero(runaway)
+        stats.Qfit = stats.Qfit.copy()
+        stats.Qfit[ok[r]] = stats.Q[ok[r]]
+        with _small_matrix_blas():
+            # the plain fit was only taken to the ranking tolerance: finish it
+            xr, _, nfev_r, ier_r = _levenberg_marquardt(stats, vectorizer, plain_x[r], ok[r],
+                                                        max_iterations=max_iterations)
+        nfev_r = nfev_total[r] + nfev_r
+        ier_r = np.where(ier_r == 1, plain_ier[r], ier_r)
+        if stats.single:
+            stats, xr, _, nfev_r, ier_r = _polish(stats, vectorizer, xr, ok[r], nfev_r, ier_r, max_iterations)
+        xb, ier_b, nfev_total = xb.copy(), ier_b.copy(), nfev_total.copy()
+        xb[r], ier_b[r], nfev_total[r] = xr, ier_r, nfev_r
+        dominated = dominated | runaway
     V = vectorizer._vector_rows(xb)
-    eps = np.einsum("ri,ri->r", V, _grouped_products(stats.G, ok, V[:, None, :])[:, 0, :]) / stats.n_pixels[ok]
-    eps = np.maximum(eps, 0.0)
+    GV = _grouped_products(stats.G, ok, V[:, None, :])[:, 0, :]
+    eps = np.maximum(np.einsum("ri,ri->r", V, GV) / stats.n_pixels[ok], 0.0)
     # Report the plain chi2 (noise + model variance), not the corrected objective.
     chib = stats.chi2(V, ok, corrected=False) / (1.0 + eps)
     with _small_matrix_blas():
-        cov = _covariance(stats, vectorizer, xb, ok) * (1.0 + eps)[:, None, None]
-    return pick, xb, chib, cov, nfev_total, ier_b, single
+        D = vectorizer._derivative_rows(xb, V)
+        Dt = np.transpose(D, (0, 2, 1))
+        H = Dt @ (stats.Q[ok] @ D)
+        Hc_inv = _inverse_or_nan(Dt @ (stats.Qfit[ok] @ D))
+        cov = Hc_inv @ H @ Hc_inv
+        if dominated.any():
+            # the plain fit's expected bias, b = H^-1 D^T G v, as a mean squared error
+            d = np.flatnonzero(dominated)
+            b = (cov[d] @ (Dt[d] @ GV[d, :, None]))[:, :, 0]
+            cov[d] += b[:, :, None] * b[:, None, :]
+        cov *= (1.0 + eps)[:, None, None]
+    return pick, xb, chib, cov, nfev_total, ier_b, single, dominated
 
 
 def _covariance(stats, vectorizer, x, rows):
@@ -2038,8 +2086,10 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     theta_cov : ndarray, shape (P, K (K + 1) / 2), optional
         Packed covariance of each pixel's theta from training. When given, the fit is
         corrected for the model's own noise (the corrected score ``Q - G``, from the same pass
-        over the pixels) and chi2 and the label covariance include the model's variance
-        ``v^T C_p v`` at the fitted labels (to first order, see :func:`_fit_with_q`).
+        over the pixels), the covariance is that of the corrected fit (a sandwich), and chi2 and
+        the covariance include the model's variance ``v^T C_p v`` at the fitted labels (to
+        first order); spectra the model's noise dominates keep the plain fit, with its bias in
+        the covariance, and are flagged ``MODEL_NOISE_DOMINATED`` (see :func:`_fit_with_q`).
     progress : callable, optional
         Called as ``progress(n_spectra_done)`` after each batch.
     theta_pairs : ndarray, shape (P, K (K + 1) / 2), optional
@@ -2153,9 +2203,9 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
                 with _small_matrix_blas():
                     pick, xb, chib, cov, nfev_total, ier_b = _polynomial_fit(stats, basis, vectorizer, x0, rows,
                                                                             max_iterations)
-                single = True
+                single, dominated = True, np.zeros(ok.size, dtype=bool)
             else:
-                pick, xb, chib, cov, nfev_total, ier_b, single = _fit_with_q(
+                pick, xb, chib, cov, nfev_total, ier_b, single, dominated = _fit_with_q(
                     stats, vectorizer, x0, rows, ok, k, max_iterations)
             idx = np.arange(sl.start, sl.stop)[ok]
             out["labels"][idx] = xb * scales + fiducials
@@ -2170,6 +2220,7 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             extra = np.zeros(ok.size, dtype=np.int64)
             extra[~np.all(np.isfinite(cov), axis=(1, 2))] |= F.NONFINITE_COVARIANCE
             extra[(ier_b == 5) | ~np.isfinite(chib)] |= F.OPTIMIZER_FAILED
+            extra[dominated] |= F.MODEL_NOISE_DOMINATED
             # A fit that never moved: to the last digit, or on the single-precision path (whose
             # float32 optimum and float64 polish shift even a start at the optimum by ~1e-5 sigma)
             # to within 1e-4 of its uncertainty.

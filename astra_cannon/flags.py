@@ -24,6 +24,9 @@ _BITS = (
     (1 << 10, "LARGE_RCHI2", "reduced chi-squared above the configured threshold", False),
     (1 << 11, "UNNORMALISED_FLUX", "the median flux is far from 1: the spectrum does not look normalised", True),
     (1 << 12, "PROCESSING_ERROR", "an unexpected error while processing this spectrum (see reason)", True),
+    (1 << 13, "MODEL_NOISE_DOMINATED", "the model's own noise dominates a label direction here (too few "
+     "training stars near these labels): the fit is not corrected for it, and its expected bias is in "
+     "the covariance", False),
 )
 
 BITS = {name: value for value, name, _, _ in _BITS}
@@ -43,6 +46,7 @@ DUPLICATE_INPUT = BITS["DUPLICATE_INPUT"]
 LARGE_RCHI2 = BITS["LARGE_RCHI2"]
 UNNORMALISED_FLUX = BITS["UNNORMALISED_FLUX"]
 PROCESSING_ERROR = BITS["PROCESSING_ERROR"]
+MODEL_NOISE_DOMINATED = BITS["MODEL_NOISE_DOMINATED"]
 
 
 def decode(flags: int) -> list[str]:

@@ -346,10 +346,13 @@ class CannonModel:
         model_uncertainty : bool
             Correct the fit for the model's own noise (from the finite training set): its
             expected squared error is subtracted from the objective (a corrected score, which
-            removes the pull towards the training set's centre), and its variance at the
-            fitted labels (``v^T Cov(theta_p) v`` per pixel) is included in chi2 and the label
-            uncertainties, to first order. Needs ``theta_cov`` from training (kept when it fits
-            in 256 MB, e.g. up to ~40 terms at 8575 pixels); otherwise ignored.
+            removes the pull towards the training set's centre, and widens the fit's response to
+            the data's noise, which the covariance includes), and its variance at the fitted
+            labels (``v^T Cov(theta_p) v`` per pixel) is included in chi2 and the label
+            uncertainties, to first order. Spectra whose labels the model's noise dominates
+            keep the plain fit, flagged ``MODEL_NOISE_DOMINATED``, with its expected bias in the
+            covariance. Needs ``theta_cov`` from training (kept when it fits in 256 MB, e.g. up
+            to ~40 terms at 8575 pixels); otherwise ignored.
         progress : callable, optional
             ``progress(n_spectra_done)``.
 
