@@ -208,9 +208,10 @@ class SanitisedJSONField(pw.Field):
         return value  # psycopg2 has already decoded JSONB
 
 
-class FiniteFloatField(pw.FloatField):
-    """Float column that stores NaN and +-inf as NULL on every backend (PostgreSQL would keep
-    NaN, SQLite turns it into NULL: we make them agree) and accepts numpy scalars."""
+class FiniteFloatField(pw.DoubleField):
+    """Double-precision column (8 bytes on every backend: peewee's ``FloatField`` is a 4-byte
+    ``REAL`` on PostgreSQL) that stores NaN and +-inf as NULL on every backend (PostgreSQL would
+    keep NaN, SQLite turns it into NULL: we make them agree) and accepts numpy scalars."""
 
     def db_value(self, value):
         if value is None or isinstance(value, pw.Node):

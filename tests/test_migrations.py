@@ -9,7 +9,7 @@ from astra_cannon import store
 from astra_cannon.models import ALL_MODELS, CannonResult
 from fixtures_db import FakeModel, fake_chunk, spectrum_sources
 
-HEAD = ["0001_initial", "0002_result_status_index", "0003_validation_run"]
+HEAD = ["0001_initial", "0002_result_status_index", "0003_validation_run", "0004_double_precision"]
 LABELS = ("TEFF", "LOGG", "FE_H")
 
 
@@ -39,7 +39,7 @@ def test_upgrade_from_0001_keeps_rows(db_url):
                       cov=cov, meta=meta)
     before = database.execute_sql("SELECT spectrum_id, teff, flags FROM cannon_result ORDER BY spectrum_id").fetchall()
 
-    assert adb.migrate(database) == ["0002_result_status_index", "0003_validation_run"]
+    assert adb.migrate(database) == ["0002_result_status_index", "0003_validation_run", "0004_double_precision"]
     after = database.execute_sql("SELECT spectrum_id, teff, flags FROM cannon_result ORDER BY spectrum_id").fetchall()
     assert after == before and len(after) == 20
     assert "cannon_result_model_id_status" in {i.name for i in database.get_indexes("cannon_result")}
@@ -48,8 +48,9 @@ def test_upgrade_from_0001_keeps_rows(db_url):
 
 
 def test_down_and_up_round_trip(db):
-    assert adb.downgrade(db) == ["0003_validation_run"]
-    assert adb.downgrade(db, target="0001_initial") == ["0002_result_status_index", "0001_initial"]
+    assert adb.downgrade(db) == ["0004_double_precision"]
+    assert adb.downgrade(db, target="0001_initial") == ["0003_validation_run", "0002_result_status_index",
+                                                         "0001_initial"]
     assert not {"cannon_result", "spectrum", "task_run", "cannon_model"} & set(db.get_tables())
     assert adb.migrate(db) == HEAD
     assert not diff_models(db, list(ALL_MODELS))
@@ -76,3 +77,26 @@ def test_concurrent_first_connections_migrate_exactly_once(db_url):
     database = adb.connect(db_url, migrate=False)
     assert database.execute_sql("SELECT COUNT(*) FROM schema_migration").fetchone()[0] == len(HEAD)
     assert adb.migrate(database) == []
+
+
+def test_float_columns_keep_double_precision_on_every_backend(db):
+    import numpy as np
+
+    if isinstance(db, __import__("peewee").PostgresqlDatabase):
+        real = db.execute_sql("SELECT table_name, column_name FROM information_schema.columns "
+                              "WHERE table_schema = current_schema() AND data_type = 'real'").fetchall()
+        assert real == []
+    model = store.register_model(name="m", model=FakeModel(), path="/m.npz", file_checksum="c", parameters={})
+    pks = store.register_spectra(spectrum_sources(3))
+    labels, cov, meta = fake_chunk(3)
+    labels[:, 0] = [4654.260989254771, 4654.260979505814, 1.0 + 2.0**-40]  # apart below float32's digits
+    meta[0]["chi_sq"] = 8123.456789012345
+    run = store.begin_task_run(task_family="T", task_id="c0", parameters={})
+    store.write_chunk(task_run=run, model_pk=model.id, spectrum_pks=pks, label_names=LABELS, labels=labels,
+                      cov=cov, meta=meta)
+    rows = db.execute_sql("SELECT teff, e_teff, chi2 FROM cannon_result ORDER BY spectrum_id").fetchall()
+    assert [r[0] for r in rows] == labels[:, 0].tolist()
+    assert [r[1] for r in rows] == np.sqrt(cov[:, 0, 0]).tolist()
+    assert rows[0][2] == 8123.456789012345
+    # and the view, re-created around the change, still answers
+    assert db.execute_sql("SELECT COUNT(*) FROM cannon_result_view").fetchone()[0] == 3

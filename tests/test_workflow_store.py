@@ -34,7 +34,7 @@ def test_upgrade_from_0002_with_data_adds_validation_run_and_keeps_rows(db_url):
     before = database.execute_sql("SELECT spectrum_id, teff, flags, status FROM cannon_result "
                                   "ORDER BY spectrum_id").fetchall()
 
-    assert adb.migrate(database) == ["0003_validation_run"]
+    assert adb.migrate(database) == ["0003_validation_run", "0004_double_precision"]
     assert adb.migrate(database) == []
     after = database.execute_sql("SELECT spectrum_id, teff, flags, status FROM cannon_result "
                                  "ORDER BY spectrum_id").fetchall()
@@ -48,10 +48,10 @@ def test_upgrade_from_0002_with_data_adds_validation_run_and_keeps_rows(db_url):
 
 
 def test_downgrade_drops_only_validation_run(db):
-    assert adb.downgrade(db) == ["0003_validation_run"]
+    assert adb.downgrade(db, target="0003_validation_run") == ["0004_double_precision", "0003_validation_run"]
     tables = set(db.get_tables())
     assert "validation_run" not in tables and {"cannon_result", "task_run"} <= tables
-    assert adb.migrate(db) == ["0003_validation_run"]
+    assert adb.migrate(db) == ["0003_validation_run", "0004_double_precision"]
 
 
 def test_validation_row_and_its_task_marker_are_written_together(db):
