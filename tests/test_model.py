@@ -488,3 +488,65 @@ def test_an_edited_theta_covariance_is_not_paired_with_a_stale_float32_copy(trai
     finally:
         model.theta_cov[:] = saved
     np.testing.assert_allclose(model._theta_cov_single(), first)
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["float64", "float32"])
+def test_a_corrected_fit_that_leaves_the_convex_region_takes_one_newton_step_from_the_plain_fit(
+        single, monkeypatch):
+    """With 30 stars for 10 terms, Q - G is not convex everywhere: a fit that wanders off falls
+    back to the first-order corrected estimate, one Gauss-Newton step of the corrected objective
+    from the plain optimum, checked here against that step built pixel by pixel."""
+    from astra_cannon import engines
+    from astra_cannon.engines import unpack_symmetric
+    from fixtures_numerics import TruthModel
+
+    if single:
+        monkeypatch.setattr(engines, "_SINGLE_PRECISION_MIN_TERMS", 1)
+    steps = []
+    newton_step = engines._newton_step
+
+    def recorded(Q, c, vectorizer, x):
+        out = newton_step(Q, c, vectorizer, x)
+        steps.append((x.copy(), out.copy()))
+        return out
+
+    monkeypatch.setattr(engines, "_newton_step", recorded)
+    truth = TruthModel(n_pixels=300, seed=21)
+    rng = np.random.default_rng(5)
+    train_labels = truth.labels(30)
+    test_labels = truth.fiducials + truth.scales * 0.3 * rng.normal(size=(60, 3))
+    P = truth.theta.shape[0]
+    for _ in range(40):
+        sigma = np.ones((30, P)) / rng.uniform(50, 200, size=(30, 1))
+        flux = truth.flux(train_labels) + truth.s * rng.normal(size=(30, P)) + sigma * rng.normal(size=(30, P))
+        model = CannonModel(train_labels, flux, 1 / sigma**2, truth.vectorizer)
+        model.train()
+        tsigma = np.ones((60, P)) / rng.uniform(50, 200, size=(60, 1))
+        tflux = truth.flux(test_labels) + truth.s * rng.normal(size=(60, P)) + tsigma * rng.normal(size=(60, P))
+        tivar = 1 / tsigma**2
+        steps.clear()
+        got, cov, meta = model.test(tflux, tivar)
+        if steps:
+            break
+    assert steps, "no corrected fit left the convex region: the test lost its power"
+    assert not any(m["flags"] & F.FAILURE_FLAGS for m in meta)
+    assert np.all(np.isfinite(got)) and np.all(np.isfinite(cov))
+    plain, _, _ = model.test(tflux, tivar, model_uncertainty=False)
+    x_plain = np.concatenate([s[0] for s in steps])
+    x_step = np.concatenate([s[1] for s in steps])
+    scaled = model._scale(plain)
+    rows = [int(np.argmin(np.abs(scaled - x).sum(axis=1))) for x in x_plain]
+    assert np.allclose(scaled[rows], x_plain, atol=1e-4)  # the step starts at the plain optimum
+    C = unpack_symmetric(model.theta_cov, truth.vectorizer.n_terms)
+    for i, x, x1 in zip(rows, x_plain, x_step):
+        v = model.vectorizer._vector_rows(x[None])[0]
+        D = model.vectorizer._derivative_rows(x[None])[0]  # (K, L)
+        w = 1.0 / (1.0 / tivar[i] + model.s2)
+        J = model.theta @ D  # (P, L)
+        r = tflux[i] - model.theta @ v
+        Hc = np.einsum("p,pl,pm->lm", w, J, J) - np.einsum("p,kl,pkj,jm->lm", w, D, C, D)
+        g = -np.einsum("p,pl,p->l", w, J, r) - np.einsum("p,kl,pkj,j->l", w, D, C, v)
+        np.testing.assert_allclose(x1, x - np.linalg.solve(Hc, g), atol=1e-5)
+        # the result: that step, unless it too leaves the convex region (then the flagged plain fit)
+        dominated = bool(meta[i]["flags"] & F.MODEL_NOISE_DOMINATED)
+        np.testing.assert_allclose(model._scale(got[i:i + 1])[0], x if dominated else x1, atol=1e-5)
