@@ -64,6 +64,9 @@ def _code_version():
     return __version__
 
 
+_NO_THETA_COV = "no theta covariance kept"
+
+
 class CannonModel:
     """A data-driven model of spectra as polynomials in stellar labels.
 
@@ -284,6 +287,14 @@ class CannonModel:
             "code_version": _code_version(),
         }
         self.metadata["training"] = summary
+        warned = [w for w in self.metadata.get("warnings", []) if not w.startswith(_NO_THETA_COV)]
+        if self.theta_cov is None:
+            K = self.vectorizer.n_terms
+            warned.append(f"{_NO_THETA_COV}: the test step's uncertainties exclude the model's own noise "
+                          f"({summary['n_stars']} training stars for {K} terms; at 17 labels x 1000 stars they "
+                          f"were 3-6x too small); train(theta_covariance=True) keeps it "
+                          f"({summary['n_pixels'] * K * (K + 1) // 2 * 8 / 2**20:.0f} MB)")
+        self.metadata["warnings"] = warned
         meta = dict(summary, objective=info["objective"], dead=info["dead"])
         return theta, s2, meta
 

@@ -550,3 +550,14 @@ def test_a_corrected_fit_that_leaves_the_convex_region_takes_one_newton_step_fro
         # the result: that step, unless it too leaves the convex region (then the flagged plain fit)
         dominated = bool(meta[i]["flags"] & F.MODEL_NOISE_DOMINATED)
         np.testing.assert_allclose(model._scale(got[i:i + 1])[0], x if dominated else x1, atol=1e-5)
+
+
+def test_a_model_without_theta_covariance_warns_that_its_uncertainties_exclude_the_model_noise(truth):
+    labels, flux, ivar = truth.sample(80)
+    model = CannonModel(labels, flux, ivar, truth.vectorizer)
+    model.train(theta_covariance=False)
+    assert any(w.startswith("no theta covariance kept") and "80 training stars for 10 terms" in w
+               for w in model.metadata["warnings"])
+    model.train()  # "auto" keeps it at this size: the warning goes
+    assert model.theta_cov is not None
+    assert not any(w.startswith("no theta covariance kept") for w in model.metadata["warnings"])
