@@ -174,5 +174,8 @@ def test_an_unreadable_file_does_not_change_the_labels_of_other_spectra_in_its_c
     for k in ("0", "6"):
         a, b = rows[f"f32-{k}"], rows[f"f64-{k}"]
         # Floating-point agreement: the two chunks batch different numbers of spectra, and the
-        # BLAS rounds a product of 2 rows differently from one of 8 (seen up to 2e-9 relative).
-        assert np.allclose([a["teff"], a["logg"]], [b["teff"], b["logg"]], rtol=1e-8), (a["teff"], b["teff"])
+        # BLAS rounds a product of 2 rows differently from one of 8, which can move where the
+        # optimiser stops within its tolerance (1e-10 in chi2, ~1e-5 sigma; seen 1e-5 sigma
+        # with 2 BLAS threads). Anything the other file could do would be far larger.
+        for label in ("teff", "logg"):
+            assert abs(a[label] - b[label]) <= 1e-4 * a["e_" + label], (label, a[label], b[label], a["e_" + label])
