@@ -1448,7 +1448,7 @@ class SpectrumStatistics:
         Elsewhere (labels far from most training stars, or a model with too few of them for
         its terms) the spectrum keeps the plain objective, and :func:`_fit_with_q` adds that
         fit's expected bias to its covariance and flags it. Returns the mask of corrected
-        spectra; the largest eigenvalue of every spectrum is kept as ``model_noise_share``.
+        spectra.
         """
         if self.G is None:
             return np.zeros(len(self.Q), dtype=bool)
@@ -1459,7 +1459,6 @@ class SpectrumStatistics:
         root = vecs / np.sqrt(np.where(vals > 0, vals, np.inf))[:, None, :]
         ratio = np.linalg.eigvalsh(np.transpose(root, (0, 2, 1)) @ HG @ root).max(axis=1)
         corrected = ok & (ratio <= MAX_MODEL_NOISE_FRACTION)
-        self.model_noise_share = np.where(ok, ratio, np.inf)
         self.Qfit = np.where(corrected[:, None, None], self.Q - self.G, self.Q)
         return corrected
 
@@ -1953,7 +1952,9 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
     Spectra where the share exceeds ``MAX_MODEL_NOISE_FRACTION`` keep the plain fit, whose
     expected bias ``b = H^-1 D^T G v`` (towards where the model is best determined) is added to
     the covariance as ``b b^T``: that fit's mean squared error, not a 1-sigma claim it cannot
-    make.
+    make. ``Q - G`` is a local correction: a corrected fit that leaves the region where it is
+    convex takes one Gauss-Newton step of it from the plain optimum instead (the first-order
+    corrected estimate), and only where that too is not convex keeps the plain fit.
     """
     corrected = stats.G is not None
     with _small_matrix_blas():
@@ -2001,8 +2002,6 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
         r, rows_r = np.flatnonzero(runaway), ok[runaway]
         xb, ier_b, nfev_total = xb.copy(), ier_b.copy(), nfev_total.copy()
         corrected_Q = stats.Qfit
-        plain_Q = corrected_Q.copy()
-        plain_Q[rows_r] = stats.Q[rows_r]
         if single:
             # The plain optimum was polished on statistics exact there; these are exact at the
             # corrected point (so ~1e-3 sigma off at the plain one): take the plain ones back.
@@ -2010,7 +2009,8 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
             xp, ier_p = plain_x[r], plain_ier[r]
         else:
             # the plain fit was only taken to the ranking tolerance: finish it
-            stats.Qfit = plain_Q
+            stats.Qfit = corrected_Q.copy()
+            stats.Qfit[rows_r] = stats.Q[rows_r]
             with _small_matrix_blas():
                 xp, _, nfev_p, ier_p = _levenberg_marquardt(stats, vectorizer, plain_x[r], rows_r,
                                                             max_iterations=max_iterations)
@@ -2022,8 +2022,8 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
             still = ~_convex(corrected_Q[rows_r], vectorizer, x1)
         xb[r], ier_b[r] = np.where(still[:, None], xp, x1), ier_p
         if still.any():
-            stats.Qfit = np.where(np.isin(np.arange(len(plain_Q)), rows_r[still])[:, None, None], plain_Q,
-                                  corrected_Q)
+            stats.Qfit = corrected_Q.copy()
+            stats.Qfit[rows_r[still]] = stats.Q[rows_r[still]]
             dominated = dominated.copy()
             dominated[r[still]] = True
     V = vectorizer._vector_rows(xb)
