@@ -58,6 +58,10 @@ _SINGLE_PRECISION_MIN_TERMS = 28
 MAX_MODEL_NOISE_FRACTION = 0.9
 # Conjugate-gradient iterations per solve before a pixel falls back to the direct solve.
 _CG_MAX_ITERATIONS = 200
+# Levenberg-Marquardt iterations of a corrected fit from the plain optimum: converged ones took
+# 3-6 evaluations (17 labels x 1000 stars); one that leaves the region where the corrected
+# objective is convex runs on to any limit (68-101 evaluations of 100), 3x the whole fit.
+_CORRECTED_MAX_ITERATIONS = 20
 # Smallest batch of spectra a test-step thread is given.
 _MIN_THREAD_BATCH = 128
 # Default batches of the test step for models below and from _SINGLE_PRECISION_MIN_TERMS terms.
@@ -216,13 +220,14 @@ def _basis(n_labels, terms):
 def monomial_basis_for(vectorizer, n_pixels, theta_cov=None):
     """The :class:`~astra_cannon.monomials.MonomialBasis` the test step uses, or None.
 
-    Used for single-precision models (:func:`_single_precision`) without the model-noise pass
-    whose terms include every label linearly and whose float32 monomial table fits in
-    ``_PAIRS_KEEP_BYTES``: their statistics are 2.5x smaller (17 labels) than the pairs of
-    ``Q`` and the fit runs on the objective's polynomial (:func:`_polynomial_fit`).
+    Used for single-precision models (:func:`_single_precision`) whose terms include every
+    label linearly and whose float32 monomial table fits in ``_PAIRS_KEEP_BYTES``: their
+    statistics are 2.5x smaller (17 labels) than the pairs of ``Q`` and the fit runs on the
+    objective's polynomial (:func:`_polynomial_fit`), with the model-noise correction too.
+    ``theta_cov`` is accepted for the record: the choice does not depend on it.
     """
     K = vectorizer.n_terms
-    if theta_cov is not None or not _single_precision(K) or not MonomialBasis.applies_to(vectorizer):
+    if not _single_precision(K) or not MonomialBasis.applies_to(vectorizer):
         return None
     basis = _basis(vectorizer.n_labels, tuple(vectorizer.terms))
     if n_pixels * basis.n_monomials * 4 > _PAIRS_KEEP_BYTES:
@@ -1295,7 +1300,7 @@ class SpectrumStatistics:
         S = self._flux.shape[0]
         Kt = self.K * (self.K + 1) // 2
         sums = {"q": np.zeros((S, self._pairs.shape[1] if self.merged else Kt)), "c": np.zeros((S, self.K)),
-                "e": np.zeros(S), "g": np.zeros((S, Kt)) if theta_cov is not None else None,
+                "e": np.zeros(S), "g": np.zeros((S, theta_cov.shape[1])) if theta_cov is not None else None,
                 "grid": None if candidates is None else np.zeros((S, len(candidates))), "fsum": np.zeros(S)}
         f, r, w, wf = self._buffers(S, blocks)
         if snr_vals is not None:
@@ -1431,7 +1436,7 @@ class SpectrumStatistics:
     def _finish(self):
         if getattr(self, "merged", False):
             # pair sums per monomial (see astra_cannon.monomials); no K x K matrices
-            self.q, self.Q, self.Qfit, self.G = self._Qf, None, None, None
+            self.q, self.g, self.Q, self.Qfit, self.G = self._Qf, self._Gf, None, None, None
             del self._Qf, self._Gf
             return
         self.Q = unpack_symmetric(self._Qf, self.K)
@@ -1454,11 +1459,7 @@ class SpectrumStatistics:
             return np.zeros(len(self.Q), dtype=bool)
         HQ, _ = _gauss_newton(self.Q, vectorizer, x)
         HG, _ = _gauss_newton(self.G, vectorizer, x)
-        vals, vecs = np.linalg.eigh(HQ)
-        ok = vals.min(axis=1) > 0
-        root = vecs / np.sqrt(np.where(vals > 0, vals, np.inf))[:, None, :]
-        ratio = np.linalg.eigvalsh(np.transpose(root, (0, 2, 1)) @ HG @ root).max(axis=1)
-        corrected = ok & (ratio <= MAX_MODEL_NOISE_FRACTION)
+        corrected = _within_model_noise_limit(HQ, HG)
         self.Qfit = np.where(corrected[:, None, None], self.Q - self.G, self.Q)
         return corrected
 
@@ -1765,7 +1766,8 @@ def _stacked(stack, rows, X):
     return (Z.reshape(S, width, n) @ stack).reshape(S * width, -1)[pos]
 
 
-def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, single_gradient=False):
+def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, single_gradient=False,
+                   convex_only=False):
     """Levenberg-Marquardt on ``chi2(x) = sum_m a[s, m] x^m`` for (spectrum, start) rows.
 
     The objective of spectrum ``s`` is the explicit polynomial of :mod:`astra_cannon.monomials`
@@ -1779,6 +1781,10 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
     ``single_gradient``: the gradient's coefficients in float32 too (half the memory they
     take per iteration), for a search that is polished afterwards: its ~1e-7 relative error
     moves the optimum by ~1e-5 sigma.
+
+    ``convex_only``: a row whose Hessian, refreshed after a step, is no longer positive definite
+    stops there with ``ier`` 7 (a corrected objective that is not convex there has left the
+    region where it is a valid correction, and would only run on).
 
     Returns
     -------
@@ -1834,6 +1840,8 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
                 if far.size:
                     H[far] = hessian(rw[far], Ua[far])
             _after_trial(lam, status, go, ok, change, chi2_atol)
+            if convex_only and k.size and far.size:
+                status[far[~_positive_definite(H[far])]] = 7
         finished = status != 0
         merged = _merged_starts(rw, xa, H, finished, lambda k_: obj[k_])
         if merged is not None:
@@ -1867,9 +1875,24 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
        is refitted by Levenberg-Marquardt on the polynomial corrected to be exact at ``x0``),
        and the Gauss-Newton matrix ``D^T Q D = H / 2 - sum_k u_k d2 v_k`` gives the covariance.
 
+    With the model-noise statistics (``stats.g``: ``G = sum_p w_p Cov(theta_p)``, packed), the
+    fit is then corrected as :func:`_fit_with_q` does on ``Q`` statistics, with the same
+    definitions: the limit ``MAX_MODEL_NOISE_FRACTION`` on ``D^T G D`` against ``D^T Q D`` at
+    the plain optimum; the corrected objective ``chi2 - v^T G v`` (``G`` merged into its
+    polynomial, per spectrum) optimised from there and polished as above; a fit that stops
+    for leaving the region where that objective is convex (its Hessian no longer positive
+    definite, ``ier`` 7, or the iteration limit), or ends where ``D^T (Q - G) D`` is not
+    positive definite, replaced by one Gauss-Newton step of it from the plain optimum; and
+    the sandwich ``Hc^-1 H Hc^-1`` with ``Hc = D^T (Q - G) D``, times ``1 + eps``. ``G`` is
+    needed as a K x K matrix for that: ``D^T G D`` involves nearly all of its entries, and the
+    corrected objective's own Hessian, which differs from it by ``sum_k (G v)_k d2 v_k``, made
+    sigma up to 50x too large at 17 labels.
+
     Returns the index of the winning start of each spectrum, labels, chi2, covariance (scaled
-    units), nfev and ier, one row per spectrum of ``np.unique(rows)`` (in that order).
+    units), nfev, ier and whether the model's noise dominated (the plain fit kept), one row per
+    spectrum of ``np.unique(rows)`` (in that order).
     """
+    L = x0.shape[1]
     a = basis.coefficients(stats.q, stats.c, stats.e)
     x, chi, nfev, ier = _polynomial_lm(basis, a, x0, rows, max_iterations=max_iterations, chi2_atol=1e-6,
                                        single_gradient=True)
@@ -1887,32 +1910,164 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
         g = np.einsum("rkl,rk->rl", vectorizer._derivative_rows(xs), u)
         return chi2, g, u, 0.5 * basis.hessian(None, xs, coefficients=Hc[rows_])
 
+    def plain(xs, rows_):
+        chi2, g, u, H = exact(xs, rows_)
+        return chi2, g, H, (chi2, u, H, g)
+
     every = np.arange(len(spectra))
-    chi0, g0, _, H0 = exact(xb, every)
+    x1, _, _, (chi1, u1, H1, g1), nfev_b, ier_b = _newton_polish(plain, basis, a, xb, every, nfev_b, ier_b,
+                                                              max_iterations, chi2_atol)
+    dominated = np.zeros(len(spectra), dtype=bool)
+    if getattr(stats, "g", None) is None:
+        return pick, x1, chi1, _inverse_or_nan(_data_curvature(basis, H1, u1, x1)), nfev_b, ier_b, dominated
+
+    K = basis.n_terms
+    packed = np.asarray(stats.g[spectra], dtype=float)
+    G = unpack_symmetric(packed, K)
+    gam = basis.merge(packed, dtype=np.float64)  # v^T G v as a polynomial: the corrected objective's part
+    Hg = basis.hessian_coefficients(gam)
+
+    def model_noise(xs, rows_):
+        """At xs: v^T G v, D^T G v (half its gradient), D^T G D, and half its Hessian."""
+        V = vectorizer._vector_rows(xs)
+        D = vectorizer._derivative_rows(xs, V)
+        GV = (G[rows_] @ V[:, :, None])[:, :, 0]
+        Dt = np.transpose(D, (0, 2, 1))
+        return (np.einsum("rk,rk->r", V, GV), (Dt @ GV[:, :, None])[:, :, 0], Dt @ (G[rows_] @ D),
+                0.5 * basis.hessian(None, xs, coefficients=Hg[rows_]))
+
+    def corrected(xs, rows_):
+        chi2, g, u, H = exact(xs, rows_)
+        value, g_noise, H_noise, H_noise_full = model_noise(xs, rows_)
+        return chi2 - value, g - g_noise, H - H_noise_full, (chi2, u, H, value, g_noise, H_noise)
+
+    # At the plain optimum: the share of the data's curvature that the correction removes.
+    noise1 = model_noise(x1, every)
+    final = [x1.copy(), chi1, u1, H1, *noise1[:3]]  # x, chi2, u, half Hessian, v^T G v, D^T G v, D^T G D
+    H_data1 = _data_curvature(basis, H1, u1, x1)
+    dominated = ~_within_model_noise_limit(H_data1, noise1[2])
+    c = np.flatnonzero(~dominated)
+    if c.size:
+        ac = a[c] - gam[c]
+        n_it = min(max_iterations, _CORRECTED_MAX_ITERATIONS)
+        # (a fit that leaves the region where the corrected objective is convex may overflow: caught below)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x2, _, nfev2, ier2 = _polynomial_lm(basis, ac, x1[c], np.arange(c.size), max_iterations=n_it,
+                                                chi2_atol=1e-6, single_gradient=True, convex_only=True)
+            # only fits that settled are polished (a runaway would only run on in the refit)
+            s_ = np.flatnonzero(~np.isin(ier2, (5, 7)))
+            x3 = x2.copy()
+            ex3 = [np.zeros(c.size), np.zeros((c.size, K)), np.zeros((c.size, L, L)), np.zeros(c.size),
+                   np.zeros((c.size, L)), np.full((c.size, L, L), np.nan)]
+            nfev3, ier3 = nfev2.copy(), ier2.copy()
+            if s_.size:
+                x3[s_], _, _, ex_s, nfev3[s_], ier3[s_] = _newton_polish(
+                    lambda xs, r: corrected(xs, c[s_[r]]), basis, ac[s_], x2[s_], np.arange(s_.size), nfev2[s_],
+                    ier2[s_], n_it, chi2_atol)
+                for arr, new in zip(ex3, ex_s):
+                    arr[s_] = new
+        nfev_b[c] += nfev3
+        bread3 = _data_curvature(basis, ex3[2], ex3[1], np.where(np.isfinite(x3), x3, 0.0)) - ex3[5]
+        convex = _corrected_fit_convex(x3, bread3, ier3)
+        run = ~convex
+        if run.any():
+            # One Gauss-Newton step of the corrected objective from the plain optimum (convex
+            # there: within the limit), the first-order corrected estimate.
+            r = c[run]
+            x_step = x1[r] - _solve_spd(H_data1[r] - noise1[2][r], g1[r] - noise1[1][r])
+            _, _, _, ex_s = corrected(x_step, r)
+            nfev_b[r] += 1
+            ok_s = np.all(np.isfinite(x_step), axis=1) & _positive_definite(
+                _data_curvature(basis, ex_s[2], ex_s[1], np.where(np.isfinite(x_step), x_step, 0.0)) - ex_s[5])
+            x3[run] = np.where(ok_s[:, None], x_step, x3[run])
+            for arr, new in zip(ex3, ex_s):
+                arr[run] = np.where(ok_s.reshape((-1,) + (1,) * (new.ndim - 1)), new, arr[run])
+            convex[run] = ok_s
+            ier3[run] = ier_b[r]
+            dominated[r[~ok_s]] = True
+        keep = c[convex]
+        final[0][keep] = x3[convex]
+        for arr, new in zip(final[1:], ex3):
+            arr[keep] = new[convex]
+        ier_b[keep] = ier3[convex]
+    x_f, chi_f, u_f, H_f, gamma_f, noise_grad_f, noise_H_f = final
+    H = _data_curvature(basis, H_f, u_f, x_f)  # D^T Q D
+    eps = np.maximum(gamma_f / stats.n_pixels[spectra], 0.0)
+    Hc_inv = _inverse_or_nan(np.where(dominated[:, None, None], H, H - noise_H_f))
+    cov = Hc_inv @ H @ Hc_inv
+    if dominated.any():
+        # the plain fit's expected bias, b = H^-1 D^T G v, as a mean squared error
+        d = np.flatnonzero(dominated)
+        b = (cov[d] @ noise_grad_f[d, :, None])[:, :, 0]
+        cov[d] += b[:, :, None] * b[:, None, :]
+    cov *= (1.0 + eps)[:, None, None]
+    return pick, x_f, chi_f / (1.0 + eps), cov, nfev_b, ier_b, dominated
+
+
+def _data_curvature(basis, H_half, u, x):
+    """The Gauss-Newton matrix ``D^T Q D``: the objective's half Hessian ``H_half`` at ``x``
+    less the residual's curvature ``sum_k u_k d2 v_k`` (``u = Q v - c``)."""
+    au = np.zeros((len(u), basis.n_monomials))
+    au[:, basis.term_index] = u
+    return H_half - basis.hessian(au, x)
+
+
+def _newton_polish(evaluate, basis, coef, xb, rows, nfev, ier, max_iterations, chi2_atol):
+    """Take optima ``xb`` of the float32-built polynomials ``coef`` to the exact optimum.
+
+    ``evaluate(x, rows)`` returns the exact objective, half gradient and half Hessian at ``x``
+    and a tuple of per-row arrays kept for the result. One Newton step, verified by its
+    decrement at the new point (and no rise of the objective); rows that fail are refitted by
+    Levenberg-Marquardt on ``coef`` made exact (value and gradient) at ``xb``.
+    Returns ``x, objective, half Hessian, extras, nfev, ier``.
+    """
+    obj0, g0, H0, _ = evaluate(xb, rows)
     x1 = xb - _solve_spd(H0, g0)
-    chi1, g1, u1, H1 = exact(x1, every)
+    obj1, g1, H1, ex1 = evaluate(x1, rows)
     with np.errstate(invalid="ignore"):
         decrement = np.einsum("rl,rl->r", g1, _solve_spd(H1, g1))
-    bad = np.flatnonzero(~((np.abs(decrement) <= _NEWTON_CHECK_ATOL * chi2_atol) & (chi1 <= chi0)))
-    nfev_b = nfev_b + 2
+    bad = np.flatnonzero(~((np.abs(decrement) <= _NEWTON_CHECK_ATOL * chi2_atol) & (obj1 <= obj0)))
+    nfev, ier = nfev + 2, ier.copy()
     if bad.size:
         # Levenberg-Marquardt on the polynomial made exact (value, gradient) at xb
-        ab = a[bad].copy()
+        ab = coef[bad].copy()
         Ub = basis.values(xb[bad])
         g_poly = np.einsum("rgl,rg->rl", basis.gradient_coefficients(ab), Ub[:, basis.grad_monomials])
         ab[:, basis.linear_index] += 2.0 * g0[bad] - g_poly
-        ab[:, 0] += chi0[bad] - np.einsum("rm,rm->r", ab, Ub)
+        ab[:, 0] += obj0[bad] - np.einsum("rm,rm->r", ab, Ub)
         x2, _, nfev2, ier2 = _polynomial_lm(basis, ab, xb[bad], np.arange(bad.size), max_iterations=max_iterations,
                                             chi2_atol=chi2_atol)
         x1[bad] = x2
-        chi1[bad], _, u1[bad], H1[bad] = exact(x2, bad)
-        nfev_b[bad] += nfev2
-        ier_b[bad] = np.where(ier2 == 1, ier_b[bad], ier2)
-    # the Gauss-Newton matrix: the half Hessian less the residual's curvature term
-    au = np.zeros_like(a)
-    au[:, basis.term_index] = u1
-    H = H1 - basis.hessian(au, x1)
-    return pick, x1, chi1, _inverse_or_nan(H), nfev_b, ier_b
+        obj1[bad], _, H1[bad], ex2 = evaluate(x2, rows[bad])
+        for arr, new in zip(ex1, ex2):
+            arr[bad] = new
+        nfev[bad] += nfev2
+        ier[bad] = np.where(ier2 == 1, ier[bad], ier2)
+    return x1, obj1, H1, ex1, nfev, ier
+
+
+def _corrected_fit_convex(x, H, ier):
+    """Corrected fits that ended where their objective is convex (half Hessian ``H`` positive
+    definite), at finite labels, not stopped by the iteration limit (``ier`` 5) nor for leaving
+    the convex region (7)."""
+    return np.all(np.isfinite(x), axis=1) & _positive_definite(H) & ~np.isin(ier, (5, 7))
+
+
+def _positive_definite(H):
+    """Rows of a stack of symmetric matrices that are finite and positive definite."""
+    with np.errstate(invalid="ignore"):
+        finite = np.all(np.isfinite(H), axis=(1, 2))
+        return finite & (np.linalg.eigvalsh(np.where(finite[:, None, None], H, 0.0))[:, 0] > 0)
+
+
+def _within_model_noise_limit(H_data, H_noise):
+    """Rows where the model's noise takes at most ``MAX_MODEL_NOISE_FRACTION`` of the curvature:
+    every generalised eigenvalue of ``H_noise`` against ``H_data`` (positive definite) below it."""
+    vals, vecs = np.linalg.eigh(H_data)
+    ok = vals.min(axis=1) > 0
+    root = vecs / np.sqrt(np.where(vals > 0, vals, np.inf))[:, None, :]
+    ratio = np.linalg.eigvalsh(np.transpose(root, (0, 2, 1)) @ H_noise @ root).max(axis=1)
+    return ok & (ratio <= MAX_MODEL_NOISE_FRACTION)
 
 
 def _polish(stats, vectorizer, x, rows, nfev, ier, max_iterations):
@@ -1988,8 +2143,17 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
         dominated = ~stats.limit_correction(vectorizer, x_all)[ok]
         # (a fit that leaves the region where Q - G is convex may overflow: caught below)
         with np.errstate(over="ignore", invalid="ignore"):
-            xb, _, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok, max_iterations=max_iterations)
+            n_it = min(max_iterations, _CORRECTED_MAX_ITERATIONS)
+            xb, _, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok, max_iterations=n_it)
             nfev_total = nfev_total + nfev2
+            # (the cap is for corrected fits: plain ones, where the model's noise dominates, are
+            # only being finished, and get the remaining iterations)
+            slow = np.flatnonzero(dominated & (ier_b == 5))
+            if slow.size and max_iterations > n_it:
+                xb, ier_b, nfev_total = xb.copy(), ier_b.copy(), nfev_total.copy()
+                xb[slow], _, nfev3, ier_b[slow] = _levenberg_marquardt(stats, vectorizer, xb[slow], ok[slow],
+                                                                       max_iterations=max_iterations - n_it)
+                nfev_total[slow] += nfev3
             if stats.single:
                 stats, xb, _, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok, nfev_total, ier_b,
                                                           max_iterations)
@@ -2051,8 +2215,7 @@ def _convex(Q, vectorizer, x, ier=None):
     Gauss-Newton matrix), ``x`` finite, and (given ``ier``) not stopped by the iteration limit."""
     with _small_matrix_blas():
         H, _ = _gauss_newton(Q, vectorizer, np.where(np.isfinite(x), x, 0.0))
-    with np.errstate(invalid="ignore"):
-        ok = np.all(np.isfinite(x), axis=1) & (np.linalg.eigvalsh(np.where(np.isfinite(H), H, 0.0))[:, 0] > 0)
+    ok = np.all(np.isfinite(x), axis=1) & _positive_definite(H)
     return ok if ier is None else ok & (ier != 5)
 
 
@@ -2233,9 +2396,9 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
             x0 = xs[np.repeat(np.arange(ok.size), k), which]
             if basis is not None:
                 with _small_matrix_blas():
-                    pick, xb, chib, cov, nfev_total, ier_b = _polynomial_fit(stats, basis, vectorizer, x0, rows,
-                                                                            max_iterations)
-                single, dominated = True, np.zeros(ok.size, dtype=bool)
+                    pick, xb, chib, cov, nfev_total, ier_b, dominated = _polynomial_fit(
+                        stats, basis, vectorizer, x0, rows, max_iterations)
+                single = True
             else:
                 pick, xb, chib, cov, nfev_total, ier_b, single, dominated = _fit_with_q(
                     stats, vectorizer, x0, rows, ok, k, max_iterations)

@@ -272,7 +272,7 @@ class CannonModel:
             max_iterations=max_iterations, theta_covariance=theta_covariance, solver=solver, progress=progress,
             pair_monomials=_basis(self.vectorizer.n_labels, tuple(self.vectorizer.terms)).pair_group)
         self.theta, self.s2 = theta, s2
-        self.theta_cov = info["theta_cov"]
+        self._set_theta_cov(info["theta_cov"], copy=False)
         summary = {
             "t_train": info["t_train"],
             "n_iterations": info["n_iterations"],
@@ -424,11 +424,11 @@ class CannonModel:
                 starts = starts[None, :]
             if starts.shape[-1] != L or starts.ndim not in (2, 3) or (starts.ndim == 3 and starts.shape[0] != flux.shape[0]):
                 raise ValueError(f"initial_labels must have shape (L,), (C, L) or (S, C, L) with L = {L}, got {starts.shape}")
-        theta_cov = self._theta_cov_single() if model_uncertainty else None
-        basis = monomial_basis_for(self.vectorizer, P, theta_cov)
+        basis = monomial_basis_for(self.vectorizer, P)
         out = label_spectra(self.theta, self.s2, self.vectorizer, self.fiducials, self.scales, flux, ivar, starts,
                            n_optimise=n_optimise, optimise_all=optimise_all, max_iterations=max_iterations,
-                           batch_size=batch_size, theta_cov=theta_cov, progress=progress,
+                           batch_size=batch_size, progress=progress,
+                           theta_cov=self._model_noise_table() if model_uncertainty else None,
                            theta_pairs=theta_pairs_for(self, self.theta, basis=basis))
         ok = np.all(np.isfinite(out["labels"]), axis=1)
         if self.training_set_labels is not None and hull_tolerance is not None:
@@ -442,16 +442,37 @@ class CannonModel:
         out["t_elapsed"] = np.full(flux.shape[0], (time.perf_counter() - t0) / max(1, flux.shape[0]))
         return out
 
-    def _theta_cov_single(self):
-        """``theta_cov`` in float32, as the test step uses it (for the model-noise correction,
-        a correction: float32 is ample), kept between calls while ``theta_cov`` is unchanged
-        (compared in full, as for the theta table)."""
+    @property
+    def theta_cov(self):
+        """Packed covariance of each pixel's theta, shape (P, K (K + 1) / 2), or None.
+
+        Read-only (assign a new array to change it): the test step keeps the float32 table it
+        reads (:meth:`_model_noise_table`) for as long as the same array is assigned, with no
+        comparison of 1 GB (17 labels) on every call.
+        """
+        return self.__dict__.get("_theta_cov")
+
+    @theta_cov.setter
+    def theta_cov(self, value):
+        self._set_theta_cov(value, copy=True)
+
+    def _set_theta_cov(self, value, copy):
+        """``copy=False`` for a fresh array of our own (from training or a file)."""
+        if value is not None:
+            value = np.array(value, dtype=float) if copy else np.asarray(value, dtype=float)
+            value.setflags(write=False)
+        self.__dict__["_theta_cov"] = value
+        self.__dict__.pop("_noise_table", None)
+
+    def _model_noise_table(self):
+        """``theta_cov`` in float32, as the test step reads it (for the model-noise correction,
+        a correction: float32 is ample), kept until another ``theta_cov`` is assigned; None
+        without one."""
         if self.theta_cov is None:
             return None
-        kept = getattr(self, "_theta_cov32", None)
-        if kept is None or kept[0].shape != self.theta_cov.shape or not np.array_equal(kept[0], self.theta_cov):
-            kept = self._theta_cov32 = (self.theta_cov.copy(), self.theta_cov.astype(np.float32))
-        return kept[1]
+        if "_noise_table" not in self.__dict__:
+            self.__dict__["_noise_table"] = self.theta_cov.astype(np.float32)
+        return self.__dict__["_noise_table"]
 
     def keep_test_table(self, path, model_uncertainty=True, min_bytes=None):
         """Keep the test step's table of theta products in a file, shared by processes.
@@ -693,7 +714,7 @@ class CannonModel:
                          if model.censor_mask[:, i].any()} or None
         model.fiducials, model.scales = arrays["fiducials"], arrays["scales"]
         model.theta, model.s2 = theta, s2
-        model.theta_cov = arrays.get("theta_cov")
+        model._set_theta_cov(arrays.get("theta_cov"), copy=False)
         if model.theta_cov is not None and (model.theta_cov.shape != (P, vec.n_terms * (vec.n_terms + 1) // 2)
                                             or not np.all(np.isfinite(model.theta_cov))):
             raise ModelFileError(f"{path}: theta_cov has shape {model.theta_cov.shape} or non-finite values")

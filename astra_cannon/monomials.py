@@ -167,7 +167,19 @@ class MonomialBasis:
         docstring without ``c`` and ``e``). Computed in float64 per block of pixels.
         """
         theta = np.asarray(theta, dtype=float)
-        P = theta.shape[0]
+        return self._merged(theta.shape[0], lambda sl: pair_products(theta[sl]), dtype, block)
+
+    def merge(self, packed, dtype=np.float32, block=256):
+        """Pair sums of packed symmetric matrices, one per pixel: ``packed`` (P, K (K + 1) / 2)
+        (``numpy.triu_indices`` order, e.g. the theta covariance ``Cov(theta_p)``) to (P, M)
+        with ``v^T C_p v = sum_m out[p, m] x^m``. Summed in float64 per block of pixels."""
+        packed = np.asarray(packed)
+        Kt = self.n_terms * (self.n_terms + 1) // 2
+        if packed.ndim != 2 or packed.shape[1] != Kt:
+            raise ValueError(f"packed matrices must have shape (P, {Kt}), not {packed.shape}")
+        return self._merged(packed.shape[0], lambda sl: np.asarray(packed[sl], dtype=float), dtype, block)
+
+    def _merged(self, P, pair_block, dtype, block):
         # pairs sorted by monomial, each group summed with one reduceat
         order = np.argsort(self.pair_group, kind="stable")
         group = self.pair_group[order]
@@ -175,7 +187,7 @@ class MonomialBasis:
         weight = self.pair_weight[order]
         out = np.zeros((P, self.n_monomials), dtype=dtype)
         for p0 in range(0, P, block):
-            products = np.take(pair_products(theta[p0:p0 + block]), order, axis=1)
+            products = np.take(pair_block(slice(p0, p0 + block)), order, axis=1)
             products *= weight
             out[p0:p0 + block, group[starts]] = np.add.reduceat(products, starts, axis=1)
         return out
@@ -222,6 +234,12 @@ class MonomialBasis:
     def gradient_coefficients(self, a):
         """(S, G, L): ``grad chi2 = sum_g values[:, grad_monomials[g]] * out[:, g, :]``."""
         return np.asarray((self._grad_map.T @ a.T).T).reshape(len(a), len(self.grad_monomials), self.n_labels)
+
+    def gradient(self, a, x, coefficients=None):
+        """Gradient (R, L) of ``sum_m a[r, m] x^m`` at ``x`` (R, L), one row each; or from
+        ``coefficients = gradient_coefficients(a)`` when they are at hand."""
+        Gc = self.gradient_coefficients(a) if coefficients is None else coefficients
+        return np.einsum("rgl,rg->rl", Gc, self.values(x)[:, self.grad_monomials])
 
     def hessian_coefficients(self, a, dtype=np.float64):
         """(S, H, L (L + 1) / 2): ``hess chi2`` (upper triangle, ``numpy.triu_indices`` order) is

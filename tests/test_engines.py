@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from astra_cannon import engines
+from astra_cannon import flags as F
 from astra_cannon.engines import (SpectrumStatistics, khatri_rao_upper, label_spectra, merge_equal_columns,
                                   solve_normal_equations_cg, train_pixels, unpack_symmetric)
 from astra_cannon.vectorizer import PolynomialVectorizer
@@ -260,15 +261,21 @@ def quartic():
     return model, t
 
 
+def _assert_same_covariance(got, expected, rtol=1e-4, atol=1e-5):
+    """Uncertainties within ``rtol`` and correlations within ``atol`` (one matrix or a stack)."""
+    sg = np.sqrt(np.diagonal(got, axis1=-2, axis2=-1))
+    se = np.sqrt(np.diagonal(expected, axis1=-2, axis2=-1))
+    np.testing.assert_allclose(sg, se, rtol=rtol)
+    corr = lambda c, s: c / s[..., :, None] / s[..., None, :]  # noqa: E731
+    np.testing.assert_allclose(corr(got, sg), corr(expected, se), atol=atol)
+
+
 def _assert_same_fit(fit, double):
     """Labels within 1e-4 sigma (the optimiser's own tolerance, chi2_atol = 1e-10, is ~1e-5
     sigma), uncertainties within 1e-5 and correlations within 1e-5 of the float64 fit."""
     sigma = np.sqrt(np.diagonal(double["cov"], axis1=1, axis2=2))
     np.testing.assert_allclose((fit["labels"] - double["labels"]) / sigma, 0, atol=1e-4)
-    sigma_fit = np.sqrt(np.diagonal(fit["cov"], axis1=1, axis2=2))
-    np.testing.assert_allclose(sigma_fit, sigma, rtol=1e-5)
-    corr = lambda c, s: c / s[:, :, None] / s[:, None, :]  # noqa: E731
-    np.testing.assert_allclose(corr(fit["cov"], sigma_fit), corr(double["cov"], sigma), atol=1e-5)
+    _assert_same_covariance(fit["cov"], double["cov"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("model_noise", [False, True])
@@ -377,6 +384,102 @@ def test_monomial_path_equals_reference_fit_spectrum_for_a_28_term_quadratic():
         np.testing.assert_allclose((out["labels"][i] - lab) / sigma, 0, atol=1e-4)
         np.testing.assert_allclose(np.sqrt(np.diag(out["cov"][i])), sigma, rtol=1e-4)
         assert out["chi2"][i] == pytest.approx(meta["chi_sq"], rel=1e-8)
+
+
+def _corrected_terms_by_pixel(model, flux, ivar, x):
+    """At scaled labels ``x`` of one spectrum, pixel by pixel in float64: ``H = J^T W J``,
+    ``D^T G D``, the plain half gradient ``-J^T W r``, ``D^T G v``, ``v^T G v`` and the number
+    of usable pixels (``G = sum_p w_p Cov(theta_p)``)."""
+    use = (ivar > 0) & np.isfinite(flux)
+    w = np.where(use, 1.0 / (1.0 / np.where(use, ivar, 1.0) + model.s2), 0.0)
+    v = model.vectorizer._vector_rows(x[None])[0]
+    D = model.vectorizer._derivative_rows(x[None])[0]  # (K, L)
+    J = model.theta @ D
+    r = np.where(use, flux, 0.0) - model.theta @ v
+    G = np.einsum("p,pij->ij", w, unpack_symmetric(model.theta_cov, model.theta.shape[1]))
+    return (np.einsum("p,pl,pm->lm", w, J, J), D.T @ G @ D, -np.einsum("p,pl,p->l", w, J, r), D.T @ G @ v,
+            v @ G @ v, use.sum())
+
+
+def test_monomial_path_with_model_noise_gives_the_k_by_k_corrected_fit(quartic):
+    """28+ terms: the model-noise correction on the objective's polynomial (G merged per
+    spectrum) reproduces the corrected fit on the K x K statistics in float64."""
+    from astra_cannon.engines import _pairs_table, monomial_basis_for
+
+    model, t = quartic
+    assert monomial_basis_for(model.vectorizer, model.theta.shape[0], model.theta_cov) is not None
+    _, flux, ivar = t.sample(40)
+    args = (model.theta, model.s2, model.vectorizer, model.fiducials, model.scales, flux, ivar,
+            model.default_starts())
+    merged = label_spectra(*args, theta_cov=model.theta_cov)
+    double = label_spectra(*args, theta_cov=model.theta_cov, theta_pairs=_pairs_table(model.theta, np.float64))
+    plain = label_spectra(*args)
+    _assert_same_fit(merged, double)
+    np.testing.assert_allclose(merged["chi2"], double["chi2"], rtol=1e-6)
+    np.testing.assert_array_equal(merged["flags"], double["flags"])
+    # the correction matters here: it moves the labels by more than the tolerance above
+    sigma = np.sqrt(np.diagonal(double["cov"], axis1=1, axis2=2))
+    assert np.max(np.abs(merged["labels"] - plain["labels"]) / sigma) > 0.1
+
+
+def test_monomial_path_keeps_the_plain_fit_with_its_bias_where_the_model_noise_dominates(quartic, monkeypatch):
+    model, t = quartic
+    _, flux, ivar = t.sample(6)
+    args = (model.theta, model.s2, model.vectorizer, model.fiducials, model.scales, flux, ivar,
+            model.default_starts())
+    plain = label_spectra(*args)
+    monkeypatch.setattr(engines, "MAX_MODEL_NOISE_FRACTION", 0.0)
+    out = label_spectra(*args, theta_cov=model.theta_cov)
+    assert np.all(out["flags"] == F.MODEL_NOISE_DOMINATED)
+    sigma = np.sqrt(np.diagonal(plain["cov"], axis1=1, axis2=2))
+    np.testing.assert_allclose((out["labels"] - plain["labels"]) / sigma, 0, atol=1e-4)
+    for i in range(6):
+        x = (out["labels"][i] - model.fiducials) / model.scales
+        H, _, _, DGv, vGv, n = _corrected_terms_by_pixel(model, flux[i], ivar[i], x)
+        b = np.linalg.solve(H, DGv)  # the plain fit's expected bias
+        expected = (np.linalg.inv(H) + np.outer(b, b)) * (1 + vGv / n)
+        _assert_same_covariance(out["cov"][i], model.scales[:, None] * expected * model.scales)
+        assert out["chi2"][i] == pytest.approx(plain["chi2"][i] / (1 + vGv / n), rel=1e-6)
+
+
+def test_monomial_path_runaway_takes_one_gauss_newton_step_of_the_corrected_objective(quartic, monkeypatch):
+    """A corrected fit that ends where its objective is not convex is replaced by one
+    Gauss-Newton step of the corrected objective from the plain optimum (checked against that
+    step built pixel by pixel), with the sandwich covariance there."""
+    model, t = quartic
+    _, flux, ivar = t.sample(6)
+    args = (model.theta, model.s2, model.vectorizer, model.fiducials, model.scales, flux, ivar,
+            model.default_starts())
+    plain = label_spectra(*args)
+    monkeypatch.setattr(engines, "_corrected_fit_convex", lambda x, H, ier: np.zeros(len(x), dtype=bool))
+    out = label_spectra(*args, theta_cov=model.theta_cov)
+    assert np.all(out["flags"] == 0)
+    for i in range(6):
+        x = (plain["labels"][i] - model.fiducials) / model.scales
+        H, DGD, g, DGv, _, _ = _corrected_terms_by_pixel(model, flux[i], ivar[i], x)
+        x_step = x - np.linalg.solve(H - DGD, g - DGv)
+        sigma = np.sqrt(np.diag(plain["cov"][i])) / model.scales
+        got = (out["labels"][i] - model.fiducials) / model.scales
+        np.testing.assert_allclose((got - x_step) / sigma, 0, atol=1e-3)
+        H, DGD, _, _, vGv, n = _corrected_terms_by_pixel(model, flux[i], ivar[i], got)
+        Hc_inv = np.linalg.inv(H - DGD)
+        expected = Hc_inv @ H @ Hc_inv * (1 + vGv / n)
+        _assert_same_covariance(out["cov"][i], model.scales[:, None] * expected * model.scales)
+
+
+def test_monomial_path_with_model_noise_gives_unit_pulls(quartic):
+    """400 training stars for 35 terms: without the correction the pulls are 2-3.5."""
+    model, t = quartic
+    labels, flux, ivar = t.sample(200)
+    args = (model.theta, model.s2, model.vectorizer, model.fiducials, model.scales, flux, ivar,
+            model.default_starts())
+    pulls = {}
+    for name, kw in (("corrected", dict(theta_cov=model.theta_cov)), ("plain", {})):
+        out = label_spectra(*args, **kw)
+        assert not np.any(out["flags"] & F.FAILURE_FLAGS)
+        pulls[name] = ((out["labels"] - labels) / np.sqrt(np.diagonal(out["cov"], axis1=1, axis2=2))).std(axis=0)
+    assert np.all(np.abs(pulls["corrected"] - 1) < 0.1), pulls
+    assert np.all(pulls["plain"] > 1.5), pulls
 
 
 @pytest.mark.parametrize("which", ["quadratic", "quartic"])

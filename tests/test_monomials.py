@@ -73,6 +73,30 @@ def test_monomial_table_gives_the_pair_sums_of_theta_weighted_gram_matrix():
                                rtol=1e-12)
 
 
+def test_merged_covariances_give_the_quadratic_form_and_its_gradient_in_the_labels():
+    rng = np.random.default_rng(3)
+    vec = PolynomialVectorizer(["A", "B", "C", "D"], 2)
+    basis = MonomialBasis(vec)
+    K = vec.n_terms
+    B = rng.normal(size=(50, K, K))
+    C = B @ np.transpose(B, (0, 2, 1))  # one covariance matrix per pixel
+    iu, ju = np.triu_indices(K)
+    merged = basis.merge(C[:, iu, ju], dtype=np.float64, block=16)
+    x = rng.uniform(-1, 1, (6, 4))
+    v = vec.get_label_vector(x).T
+    D = vec.get_label_vector_derivative(x)  # (R, K, L)
+    w = rng.uniform(0, 2, (6, 50))
+    G = np.einsum("sp,pij->sij", w, C)
+    gamma = w @ merged
+    np.testing.assert_allclose(np.einsum("sm,sm->s", gamma, basis.values(x)), np.einsum("si,sij,sj->s", v, G, v),
+                               rtol=1e-12)
+    # the gradient of v^T G v is 2 D^T G v (the bias of a fit that ignores the model's noise)
+    np.testing.assert_allclose(basis.gradient(gamma, x), 2 * np.einsum("skl,skj,sj->sl", D, G, v), rtol=1e-10)
+    assert basis.merge(C[:, iu, ju]).dtype == np.float32
+    with pytest.raises(ValueError, match="shape"):
+        basis.merge(C.reshape(50, -1))
+
+
 def test_differences_keep_the_small_changes_of_large_coefficients():
     rng = np.random.default_rng(3)
     vec = PolynomialVectorizer(["A", "B", "C"], 2)
