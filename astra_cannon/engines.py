@@ -16,10 +16,11 @@ so the heavy work is one BLAS call per block instead of a Python loop over pixel
   matrix ``J^T W J = D^T Q D`` is exact, so the covariance equals leastsq's ``cov_x``.
   From 28 terms up ``Q`` is built from float32 products (half the time of the step's largest
   cost) and each fit is polished with the residual and chi2 computed in float64 at its
-  optimum, which restores the float64 labels (to ~1e-5 sigma) and chi2. Without the
-  model-noise pass such models skip ``Q`` altogether: their statistics are the coefficients of
-  chi2 as a polynomial in the labels (:mod:`astra_cannon.monomials`, 2.5x fewer numbers at 17
-  labels), optimised with its exact gradient and Hessian (:func:`_polynomial_fit`).
+  optimum, which restores the float64 labels (to ~1e-5 sigma) and chi2. Such models skip
+  ``Q`` altogether: their statistics are the coefficients of chi2 as a polynomial in the labels
+  (:mod:`astra_cannon.monomials`, 2.5x fewer numbers at 17 labels), optimised with its exact
+  gradient and Hessian (:func:`_polynomial_fit`); the model-noise pass adds the K x K ``G``,
+  merged per spectrum into the corrected objective's polynomial.
 
 Nothing here reads files or databases.
 """
