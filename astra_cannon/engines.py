@@ -807,9 +807,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         Fit theta at this scatter and skip the scatter estimate.
     theta_covariance : bool or "auto"
         Also return each pixel's packed theta covariance ``(A^T W A)^-1`` (``info["theta_cov"]``,
-        shape (P, K (K + 1) / 2)), used to propagate the model's uncertainty at test time.
-        "auto": only when it takes at most 256 MB (e.g. 40 terms at 8575 pixels; a 17-label
-        quadratic model needs 1 GB, so ask for it explicitly).
+        shape (P, K (K + 1) / 2), float32: inverted in float64, kept to the 7 digits the test
+        step's correction reads), used to propagate the model's uncertainty at test time.
+        "auto": only when it takes at most 256 MB (up to ~120 terms at 8575 pixels; a 17-label
+        quadratic model needs 0.5 GB and a slower solver, so ask for it explicitly).
     solver : {"auto", "direct", "cg"}
         "direct" builds and solves every pixel's normal equations (needed for L1, censoring and
         the theta covariance); "cg" uses :func:`solve_normal_equations_cg`, faster for many
@@ -847,7 +848,7 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     Kt = K * (K + 1) // 2
     if theta_covariance == "auto":
         # an explicit choice of the matrix-free solver wins over "auto"
-        theta_covariance = solver != "cg" and P * Kt * 8 <= _PAIRS_CACHE_BYTES
+        theta_covariance = solver != "cg" and P * Kt * 4 <= _PAIRS_CACHE_BYTES
     needs_matrix = bool(theta_covariance) or censored_terms is not None or bool(np.any(lam > 0))
     if solver == "auto":
         solver = "cg" if K > 40 and not needs_matrix else "direct"
@@ -879,7 +880,8 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
 
     theta = np.zeros((P, K))
     theta[:, 0] = 1.0
-    theta_cov = np.zeros((P, Kt)) if theta_covariance else None
+    # float32: the test step reads it so (a correction's 7 digits), at half the memory and file
+    theta_cov = np.zeros((P, Kt), dtype=np.float32) if theta_covariance else None
     s2 = np.zeros(P) if fixed_s2 is None else np.array(fixed_s2, dtype=float)
     dead = np.zeros(P, dtype=bool)
     objective = np.full(P, np.nan)

@@ -245,7 +245,7 @@ class CannonModel:
         theta_covariance : bool or "auto", optional
             Keep each pixel's theta covariance so that :meth:`test` can correct for the model's
             own noise (see ``model_uncertainty``). "auto" keeps it when it takes at most
-            256 MB; a 17-label quadratic model at 8575 pixels needs 1 GB (pass True; its
+            256 MB; a 17-label quadratic model at 8575 pixels needs 0.5 GB (pass True; its
             training then builds and inverts every pixel's normal matrix instead of solving
             by conjugate gradients, about 6x slower: 31 s against 5 s for 1000 stars on one
             core).
@@ -296,7 +296,7 @@ class CannonModel:
             warned.append(f"{_NO_THETA_COV}: the test step's uncertainties exclude the model's own noise "
                           f"({summary['n_stars']} training stars for {K} terms; at 17 labels x 1000 stars they "
                           f"were 3-6x too small); train(theta_covariance=True) keeps it "
-                          f"({summary['n_pixels'] * K * (K + 1) // 2 * 8 / 2**20:.0f} MB)")
+                          f"({summary['n_pixels'] * K * (K + 1) // 2 * 4 / 2**20:.0f} MB)")
         self.metadata["warnings"] = warned
         meta = dict(summary, objective=info["objective"], dead=info["dead"])
         return theta, s2, meta
@@ -431,7 +431,7 @@ class CannonModel:
         out = label_spectra(self.theta, self.s2, self.vectorizer, self.fiducials, self.scales, flux, ivar, starts,
                            n_optimise=n_optimise, optimise_all=optimise_all, max_iterations=max_iterations,
                            batch_size=batch_size, progress=progress,
-                           theta_cov=self._model_noise_table() if model_uncertainty else None,
+                           theta_cov=self.theta_cov if model_uncertainty else None,
                            theta_pairs=theta_pairs_for(self, self.theta, basis=basis))
         ok = np.all(np.isfinite(out["labels"]), axis=1)
         if self.training_set_labels is not None and hull_tolerance is not None:
@@ -447,11 +447,12 @@ class CannonModel:
 
     @property
     def theta_cov(self):
-        """Packed covariance of each pixel's theta, shape (P, K (K + 1) / 2), or None.
+        """Packed covariance of each pixel's theta, shape (P, K (K + 1) / 2), float32, or None.
 
-        Read-only (assign a new array to change it): the test step keeps the float32 table it
-        reads (:meth:`_model_noise_table`) for as long as the same array is assigned, with no
-        comparison of 1 GB (17 labels) on every call.
+        float32 (7 digits) is what the test step's model-noise correction reads, at half the
+        memory and file size (0.5 GB at 17 labels and 8575 pixels). Read-only (assign a new
+        array, which is copied, to change it): the test step then reads this very array, with
+        no copy and no comparison on every call.
         """
         return self.__dict__.get("_theta_cov")
 
@@ -462,20 +463,9 @@ class CannonModel:
     def _set_theta_cov(self, value, copy):
         """``copy=False`` for a fresh array of our own (from training or a file)."""
         if value is not None:
-            value = np.array(value, dtype=float) if copy else np.asarray(value, dtype=float)
+            value = np.array(value, dtype=np.float32) if copy else np.asarray(value, dtype=np.float32)
             value.setflags(write=False)
         self.__dict__["_theta_cov"] = value
-        self.__dict__.pop("_noise_table", None)
-
-    def _model_noise_table(self):
-        """``theta_cov`` in float32, as the test step reads it (for the model-noise correction,
-        a correction: float32 is ample), kept until another ``theta_cov`` is assigned; None
-        without one."""
-        if self.theta_cov is None:
-            return None
-        if "_noise_table" not in self.__dict__:
-            self.__dict__["_noise_table"] = self.theta_cov.astype(np.float32)
-        return self.__dict__["_noise_table"]
 
     def keep_test_table(self, path, model_uncertainty=True, min_bytes=None):
         """Keep the test step's table of theta products in a file, shared by processes.

@@ -564,7 +564,8 @@ def test_known_pair_monomials_give_the_numerically_merged_training(problem, trut
     symbolic = train_pixels(A, flux, ivar, theta_covariance=True, pair_monomials=groups)
     np.testing.assert_allclose(symbolic[0], numeric[0], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(symbolic[1], numeric[1], rtol=1e-8, atol=1e-15)
-    np.testing.assert_allclose(symbolic[2]["theta_cov"], numeric[2]["theta_cov"], rtol=1e-8, atol=1e-15)
+    # (float32: one rounding step of difference where the float64 values straddle it)
+    np.testing.assert_allclose(symbolic[2]["theta_cov"], numeric[2]["theta_cov"], rtol=1.2e-7, atol=1e-15)
 
 
 def _statistics_masked_pixel_by_pixel(monkeypatch, *args, **kwargs):

@@ -196,8 +196,9 @@ def test_write_read_round_trip(trained, tmp_path):
     model, truth = trained
     path = model.write(tmp_path / "m.npz")
     again = CannonModel.read(path)
-    for attr in ("theta", "s2", "fiducials", "scales", "training_set_labels", "censor_mask"):
+    for attr in ("theta", "s2", "fiducials", "scales", "training_set_labels", "censor_mask", "theta_cov"):
         np.testing.assert_array_equal(getattr(again, attr), getattr(model, attr))
+        assert getattr(again, attr).dtype == getattr(model, attr).dtype
     assert again.vectorizer == model.vectorizer
     assert again.training_set_hash == model.training_set_hash
     assert again.regularization == model.regularization
@@ -205,6 +206,28 @@ def test_write_read_round_trip(trained, tmp_path):
     np.testing.assert_array_equal(again.test(flux, ivar)[0], model.test(flux, ivar)[0])
     full = CannonModel.read(model.write(tmp_path / "full.npz", include_training_set=True))
     np.testing.assert_array_equal(full.training_set_flux, model.training_set_flux)
+
+
+def test_a_model_file_with_a_float64_theta_covariance_reads_as_float32(trained, tmp_path):
+    """Files written before the covariance was kept in float32 read as they did, at half the memory."""
+    import json
+
+    from astra_cannon.model import _sha256
+
+    model, truth = trained
+    path = model.write(tmp_path / "m.npz")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(arrays["header"].tobytes())
+    arrays["theta_cov"] = arrays["theta_cov"].astype(np.float64)
+    header["checksums"]["theta_cov"] = _sha256(arrays["theta_cov"])
+    arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = CannonModel.read(tmp_path / "old.npz")
+    assert old.theta_cov.dtype == np.float32 and not old.theta_cov.flags.writeable
+    np.testing.assert_array_equal(old.theta_cov, model.theta_cov)
+    _, flux, ivar = truth.sample(3)
+    np.testing.assert_array_equal(old.test(flux, ivar)[1], model.test(flux, ivar)[1])
 
 
 def test_damaged_or_mismatched_model_files_raise_model_file_error(trained, tmp_path):
@@ -476,26 +499,28 @@ def test_pulls_are_unit_normal_over_realisations_of_a_small_training_set():
     assert np.all(plain.std(axis=0) > 1.3), plain.std(axis=0)
 
 
-def test_a_new_theta_covariance_is_not_paired_with_a_stale_test_table(trained):
+def test_theta_covariance_is_a_read_only_float32_copy_that_the_test_step_reads(trained, monkeypatch):
+    from astra_cannon import model as model_module
+
     model, truth = trained
-    first = model._model_noise_table()
-    assert first.dtype == np.float32
-    assert first is model._model_noise_table()  # kept between calls
     saved = model.theta_cov
+    assert saved.dtype == np.float32 and not saved.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
-        model.theta_cov *= 4.0  # an edit in place cannot leave the kept table stale
+        model.theta_cov *= 4.0  # no edit in place: nothing derived from it can go stale
+    seen = []
+    label_spectra = model_module.label_spectra
+    monkeypatch.setattr(model_module, "label_spectra", lambda *a, **k: seen.append(k["theta_cov"]) or label_spectra(*a, **k))
+    _, flux, ivar = truth.sample(3)
+    model.test(flux, ivar)
+    assert seen[-1] is saved  # read as it is: no float32 copy per call
+    mine = np.array(saved, dtype=float)
     try:
-        model.theta_cov = 4.0 * saved
-        np.testing.assert_allclose(model._model_noise_table(), 4.0 * first, rtol=1e-6)
+        model.theta_cov = mine  # assigned arrays are copied
+        mine *= 2.0
+        np.testing.assert_array_equal(model.theta_cov, saved)
+        assert model.theta_cov.dtype == np.float32 and not model.theta_cov.flags.writeable
     finally:
         model.theta_cov = saved
-    np.testing.assert_allclose(model._model_noise_table(), first)
-    # an assigned array is the model's own copy
-    mine = np.array(saved)
-    model.theta_cov = mine
-    mine *= 2.0
-    np.testing.assert_array_equal(model.theta_cov, saved)
-    model.theta_cov = saved
 
 
 @pytest.mark.parametrize("single", [False, True], ids=["float64", "float32"])
