@@ -94,6 +94,11 @@ def _job_options(parser):
     g.add_argument("--labels", metavar="NAMES", help="comma-separated labels (default: all in the training set)")
     g.add_argument("--order", type=int, default=2, help="polynomial order (default: %(default)s)")
     g.add_argument("--regularization", type=float, default=0.0, help="L1 strength (default: %(default)s)")
+    g.add_argument("--theta-covariance", choices=("auto", "always", "never"), default=None,
+                   help="keep the theta covariance that corrects the labels and uncertainties for the "
+                        "model's own noise: auto keeps it up to 256 MB (3 labels, not 17); always costs "
+                        "0.5 GB and ~6x the training time at 17 labels (default: [astra_cannon] "
+                        "theta_covariance or auto)")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="spectra per task (default: [astra_cannon] chunk_size or 500)")
     g.add_argument("--code-version", default=None, help="code version (default: the package version)")
@@ -220,7 +225,9 @@ def _job(args):
     options = dict(order=args.order, regularization=args.regularization,
                    chunk_size=(args.chunk_size if args.chunk_size is not None
                                else config.get("chunk_size", pipeline.DEFAULT_CHUNK_SIZE, int)),
-                   model_dir=args.model_dir)
+                   model_dir=args.model_dir,
+                   theta_covariance=(args.theta_covariance if args.theta_covariance is not None
+                                     else config.get("theta_covariance", "auto")))
     if args.code_version:
         options["code_version"] = args.code_version
     if args.labels:

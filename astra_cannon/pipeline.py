@@ -130,18 +130,42 @@ def normalise_label_names(label_names) -> tuple:
     return tuple(sorted(names))
 
 
-def model_identity(*, training_set_sha256, label_names, order, regularization, code_version) -> dict:
+# Whether training keeps each pixel's theta covariance, which the test step's model-noise
+# correction needs (CannonModel.train's ``theta_covariance``): "auto" keeps it up to 256 MB
+# (3 labels: yes; 17 labels: no, 0.5 GB and ~6x the training time), "always", "never".
+THETA_COVARIANCE = ("auto", "always", "never")
+_THETA_COVARIANCE_TRAIN = {"auto": "auto", "always": True, "never": False}
+
+
+def check_theta_covariance(value) -> str:
+    if value not in THETA_COVARIANCE:
+        raise ValueError(f"theta_covariance must be one of {THETA_COVARIANCE}, got {value!r}")
+    return value
+
+
+def model_identity(*, training_set_sha256, label_names, order, regularization, code_version,
+                   theta_covariance="auto") -> dict:
     """The significant parameters of a model, as a JSON-safe dict (also the stored parameters).
 
     Changing any of them makes a new model row, hence new result rows; old rows stay untouched.
+    ``theta_covariance`` (:data:`THETA_COVARIANCE`) enters only when it is not "auto", so the
+    identities of models trained before it existed are unchanged.
     """
-    return {
+    identity = {
         "training_set_sha256": str(training_set_sha256),
         "label_names": list(normalise_label_names(label_names)),
         "order": int(order),
         "regularization": float(regularization),
         "code_version": str(code_version),
     }
+    if check_theta_covariance(theta_covariance) != "auto":
+        identity["theta_covariance"] = theta_covariance
+    return identity
+
+
+def training_theta_covariance(identity):
+    """``CannonModel.train``'s ``theta_covariance`` for a model identity."""
+    return _THETA_COVARIANCE_TRAIN[identity.get("theta_covariance", "auto")]
 
 
 def model_name(identity: dict) -> str:
@@ -392,7 +416,7 @@ def train_and_register(*, training_set, identity, path, model_name_=None, report
     model = CannonModel(labels, flux, ivar, vectorizer, dispersion=wavelength,
                         regularization=identity["regularization"] or None)
     report(f"training on {labels.shape[0]} stars x {flux.shape[1]} pixels", 10)
-    _, _, meta = model.train()
+    _, _, meta = model.train(theta_covariance=training_theta_covariance(identity))
     report("writing the model file", 80)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -857,6 +881,9 @@ class Job:
     chunk_size : int
     code_version : str
     model_dir : str or None
+    theta_covariance : {"auto", "always", "never"}
+        Whether training keeps the theta covariance that the model-noise correction needs
+        (see :data:`THETA_COVARIANCE`).
     """
 
     training_set: str
@@ -868,6 +895,7 @@ class Job:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     code_version: str = __version__
     model_dir: str | None = None
+    theta_covariance: str = "auto"
 
     def __post_init__(self):
         self.training_set = os.path.abspath(os.fspath(self.training_set))
@@ -882,6 +910,7 @@ class Job:
             raise ValueError(f"regularization must be finite and >= 0, got {self.regularization}")
         if int(self.chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        check_theta_covariance(self.theta_covariance)
 
     def resolved_label_names(self) -> tuple:
         """Label names, reading the training set's header when none were given."""
@@ -903,6 +932,7 @@ class Job:
             "regularization": float(self.regularization),
             "code_version": str(self.code_version),
             "model_dir": self.model_dir or "",
+            "theta_covariance": self.theta_covariance,
         }
 
 

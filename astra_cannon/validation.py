@@ -88,7 +88,7 @@ def _as_arrays(labels, flux, ivar):
 
 
 def cross_validate(labels, flux, ivar, vectorizer, n_folds=5, regularization=None, censors=None, seed=0,
-                   dispersion=None, progress=None, **test_kwargs) -> dict:
+                   dispersion=None, progress=None, theta_covariance="auto", **test_kwargs) -> dict:
     """K-fold cross-validation of a Cannon model: train on K-1 folds, test on the held-out one.
 
     Parameters
@@ -110,6 +110,8 @@ def cross_validate(labels, flux, ivar, vectorizer, n_folds=5, regularization=Non
         Wavelengths (needed when ``censors`` uses wavelength ranges).
     progress : callable, optional
         Called as ``progress(folds_done, n_folds)`` after each fold.
+    theta_covariance : bool or "auto"
+        Passed to :meth:`CannonModel.train` (whether the test step corrects for the model's noise).
     **test_kwargs
         Passed to :meth:`CannonModel.test` (e.g. ``n_init``, ``max_iterations``).
 
@@ -142,7 +144,7 @@ def cross_validate(labels, flux, ivar, vectorizer, n_folds=5, regularization=Non
         model = CannonModel(labels[~held], flux[~held], ivar[~held], vectorizer, dispersion=dispersion,
                             regularization=regularization, censors=censors)
         t0 = time.perf_counter()
-        model.train()
+        model.train(theta_covariance=theta_covariance)
         t1 = time.perf_counter()
         pred, cov, meta = model.test(flux[held], ivar[held], **test_kwargs)
         t_test.append(time.perf_counter() - t1)

@@ -360,7 +360,8 @@ def run_cross_validation(*, training_set, identity, n_folds=5, seed=0, plot_dir=
     t0 = time.perf_counter()
     cv = cross_validate(labels, flux, ivar, vec, n_folds=int(n_folds), seed=int(seed),
                         progress=lambda done, total: report(f"fold {done}/{total} done", 5 + int(80 * done / total)),
-                        regularization=identity["regularization"] or None, dispersion=wavelength)
+                        regularization=identity["regularization"] or None, dispersion=wavelength,
+                        theta_covariance=pipeline.training_theta_covariance(identity))
     elapsed = time.perf_counter() - t0
     params = cross_validation_parameters(identity, n_folds, seed)
     name = pipeline.model_name(identity)

@@ -107,6 +107,18 @@ class _ModelParameters:
     model_dir = luigi.Parameter(default="", significant=False, description="model file directory")
     tag = luigi.Parameter(default="", significant=False, description="free text stored with each task run")
     progress = luigi.BoolParameter(default=False, significant=False, description="print progress lines")
+    theta_covariance = luigi.ChoiceParameter(
+        choices=pipeline.THETA_COVARIANCE, default="auto",
+        description="keep the theta covariance for the model-noise correction: auto (up to 256 MB: "
+                    "3 labels yes, 17 labels no), always (17 labels: 0.5 GB, ~6x the training time), never")
+
+    def to_str_params(self, only_significant=False, only_public=False):
+        params = super().to_str_params(only_significant=only_significant, only_public=only_public)
+        if only_significant and params.get("theta_covariance") == "auto":
+            # Left out of the task id at its default, so that the tasks (and the work they
+            # record as done) of jobs from before this parameter keep their ids.
+            del params["theta_covariance"]
+        return params
 
     def _check_model_parameters(self):
         if not _HEX64.match(self.training_set_sha256):
@@ -121,7 +133,8 @@ class _ModelParameters:
     def identity(self) -> dict:
         return pipeline.model_identity(training_set_sha256=self.training_set_sha256,
                                        label_names=self.label_names.split(","), order=self.order,
-                                       regularization=self.regularization, code_version=self.code_version)
+                                       regularization=self.regularization, code_version=self.code_version,
+                                       theta_covariance=self.theta_covariance)
 
     def model_path(self):
         return pipeline.model_path(self.identity(), self.model_dir or None)

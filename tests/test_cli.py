@@ -115,6 +115,20 @@ def test_bad_input_exits_2_with_a_message(cli_env, argv, capsys, example_dir):
     assert "astra-cannon: error:" in capsys.readouterr().err
 
 
+def test_theta_covariance_comes_from_the_option_then_the_configuration(cli_env, example_dir, monkeypatch):
+    def job(*extra):
+        args = cli.build_parser().parse_args(["train", *_small(example_dir), *extra])
+        return cli._job(args)
+
+    assert job().theta_covariance == "auto"
+    monkeypatch.setenv("ASTRA_CANNON_THETA_COVARIANCE", "never")
+    assert job().theta_covariance == "never"
+    assert job("--theta-covariance", "always").theta_covariance == "always"
+    monkeypatch.setenv("ASTRA_CANNON_THETA_COVARIANCE", "sometimes")
+    with pytest.raises(ValueError, match="theta_covariance"):
+        job()
+
+
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         cli.main(["frobnicate"])

@@ -50,6 +50,44 @@ def test_each_significant_parameter_changes_the_model_name(change):
         pipeline.model_name(pipeline.model_identity(**{**base, **change}))
 
 
+def test_theta_covariance_enters_the_model_identity_only_when_not_auto():
+    base = dict(training_set_sha256="a" * 64, label_names="TEFF,LOGG,FE_H", order=2, regularization=0,
+                code_version="1")
+    old = pipeline.model_identity(**base)
+    assert "theta_covariance" not in old  # the identities of models from before the option
+    assert pipeline.model_identity(**base, theta_covariance="auto") == old
+    names = {pipeline.model_name(pipeline.model_identity(**base, theta_covariance=v))
+             for v in pipeline.THETA_COVARIANCE}
+    assert len(names) == 3
+    assert [pipeline.training_theta_covariance(pipeline.model_identity(**base, theta_covariance=v))
+            for v in pipeline.THETA_COVARIANCE] == ["auto", True, False]
+    with pytest.raises(ValueError, match="theta_covariance"):
+        pipeline.model_identity(**base, theta_covariance="yes")
+    with pytest.raises(ValueError, match="theta_covariance"):
+        pipeline.Job(training_set="t.fits", spectra=(), theta_covariance="sometimes")
+
+
+def test_training_keeps_or_drops_the_theta_covariance_as_the_identity_says(env, example_dir, tmp_path):
+    from astra_cannon import db
+
+    db.connect(env)
+    job = _job(example_dir, theta_covariance="never")
+    params = job.task_parameters()
+    assert params["theta_covariance"] == "never"
+    identity = pipeline.model_identity(training_set_sha256=params["training_set_sha256"],
+                                       label_names=job.label_names, order=job.order,
+                                       regularization=job.regularization, code_version=job.code_version,
+                                       theta_covariance=job.theta_covariance)
+    model, row, summary = pipeline.train_and_register(training_set=job.training_set, identity=identity,
+                                                      path=tmp_path / "never.npz")
+    assert model.theta_cov is None
+    assert any("no theta covariance" in w for w in summary["warnings"])
+    assert row.name == pipeline.model_name(identity) != pipeline.model_name(_identity(job))
+    model, _, _ = pipeline.train_and_register(training_set=job.training_set, identity=_identity(job),
+                                              path=tmp_path / "auto.npz")
+    assert model.theta_cov is not None  # 15 terms: "auto" keeps it
+
+
 @pytest.mark.parametrize("bad", ["", "TEFF,TEFF", "TEFF'; DROP TABLE cannon_result; --", "../etc", "A" * 80,
                                  "TE FF"])
 def test_hostile_or_malformed_label_names_are_rejected(bad):

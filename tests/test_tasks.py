@@ -190,6 +190,26 @@ def test_label_order_does_not_change_the_task_id(luigi_env, example_dir):
     assert a.task_id == b.task_id == c.task_id
 
 
+def test_theta_covariance_at_auto_leaves_the_task_ids_of_earlier_jobs_unchanged(luigi_env, example_dir):
+    from luigi.task import task_id_str
+
+    tasks = _tasks()
+    params = _job(example_dir).task_parameters()
+    auto = tasks.TrainModel(**params)
+    significant = auto.to_str_params(only_significant=True, only_public=True)
+    assert "theta_covariance" not in significant
+    # the id a task of these parameters had before the option existed
+    assert auto.task_id == task_id_str(auto.get_task_family(), significant)
+    always = tasks.TrainModel(**{**params, "theta_covariance": "always"})
+    assert always.task_id != auto.task_id
+    assert always.identity()["theta_covariance"] == "always" and "theta_covariance" not in auto.identity()
+    assert always.model_path() != auto.model_path()
+    # the infer tasks follow: a model with the covariance makes other result rows
+    segments = [pipeline.Segment(path=_job(example_dir).spectra[0], start=0, stop=5)]
+    chunk = dict(chunk_key=pipeline.chunk_key(segments), segments=pipeline.segments_to_json(segments))
+    assert always.clone(tasks.InferChunk, **chunk).task_id != auto.clone(tasks.InferChunk, **chunk).task_id
+
+
 def test_database_errors_propagate_from_complete(luigi_env, example_dir, tmp_path, monkeypatch):
     tasks = _tasks()
     job = _small_job(example_dir)
