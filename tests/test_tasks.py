@@ -162,6 +162,26 @@ def test_code_version_change_makes_new_rows_and_leaves_old_ones(luigi_env, examp
     assert {r["id"]: r["updated"] for r in rows if r["id"] in old_rows} == old_rows
 
 
+def test_a_job_without_the_theta_covariance_writes_its_own_rows_with_the_plain_uncertainties(luigi_env, example_dir):
+    auto = _small_job(example_dir)
+    assert _build(auto)[1] == 0
+    never = _small_job(example_dir, theta_covariance="never")
+    assert _build(never)[1] == 0
+    with pipeline.connected():
+        rows = store.read_results()
+    by_model = {}
+    for r in rows:
+        if r["status"] == "ok":
+            by_model.setdefault(r["model_pk"], {})[r["identifier"]] = np.sqrt(np.diag(r["covariance"]))
+    assert len(by_model) == 2  # a model row each, and result rows each
+    corrected, plain = (by_model[k] for k in sorted(by_model))
+    common = sorted(set(corrected) & set(plain))
+    assert len(common) > 30
+    # 300 training stars for 15 terms: the model's noise is a large part of the uncertainty
+    ratio = np.array([corrected[i] / plain[i] for i in common])
+    assert np.all(np.median(ratio, axis=0) > 1.2), np.median(ratio, axis=0)
+
+
 def test_hostile_tag_is_stored_verbatim_and_hostile_parameters_are_rejected(luigi_env, example_dir):
     tasks = _tasks()
     hostile = "x'); DROP TABLE cannon_result; -- \u00e9 \" \\ %s {}"
