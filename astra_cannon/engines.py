@@ -1921,7 +1921,7 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
     x1, _, _, (chi1, u1, H1, g1), nfev_b, ier_b = _newton_polish(plain, basis, a, xb, every, nfev_b, ier_b,
                                                               max_iterations, chi2_atol)
     dominated = np.zeros(len(spectra), dtype=bool)
-    if getattr(stats, "g", None) is None:
+    if stats.g is None:
         return pick, x1, chi1, _inverse_or_nan(_data_curvature(basis, H1, u1, x1)), nfev_b, ier_b, dominated
 
     K = basis.n_terms

@@ -133,8 +133,8 @@ def normalise_label_names(label_names) -> tuple:
 # Whether training keeps each pixel's theta covariance, which the test step's model-noise
 # correction needs (CannonModel.train's ``theta_covariance``): "auto" keeps it up to 256 MB
 # (3 labels: yes; 17 labels: no, 0.5 GB and ~6x the training time), "always", "never".
-THETA_COVARIANCE = ("auto", "always", "never")
 _THETA_COVARIANCE_TRAIN = {"auto": "auto", "always": True, "never": False}
+THETA_COVARIANCE = tuple(_THETA_COVARIANCE_TRAIN)
 
 
 def check_theta_covariance(value) -> str:
