@@ -296,7 +296,8 @@ class CannonModel:
             warned.append(f"{_NO_THETA_COV}: the test step's uncertainties exclude the model's own noise "
                           f"({summary['n_stars']} training stars for {K} terms; at 17 labels x 1000 stars they "
                           f"were 3-6x too small); train(theta_covariance=True) keeps it "
-                          f"({summary['n_pixels'] * K * (K + 1) // 2 * 4 / 2**20:.0f} MB)")
+                          f"({summary['n_pixels'] * K * (K + 1) // 2 * 4 / 2**20:.0f} MB; in the pipeline "
+                          f"theta_covariance = always)")
         self.metadata["warnings"] = warned
         meta = dict(summary, objective=info["objective"], dead=info["dead"])
         return theta, s2, meta
