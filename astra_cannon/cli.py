@@ -97,7 +97,7 @@ def _job_options(parser):
     g.add_argument("--theta-covariance", choices=("auto", "always", "never"), default=None,
                    help="keep the theta covariance that corrects the labels and uncertainties for the "
                         "model's own noise: auto keeps it up to 256 MB (3 labels, not 17); always costs "
-                        "0.5 GB and ~6x the training time at 17 labels (default: [astra_cannon] "
+                        "0.5 GB and ~5x the training time at 17 labels (default: [astra_cannon] "
                         "theta_covariance or auto)")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="spectra per task (default: [astra_cannon] chunk_size or 500)")

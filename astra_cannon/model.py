@@ -246,9 +246,8 @@ class CannonModel:
             Keep each pixel's theta covariance so that :meth:`test` can correct for the model's
             own noise (see ``model_uncertainty``). "auto" keeps it when it takes at most
             256 MB; a 17-label quadratic model at 8575 pixels needs 0.5 GB (pass True; its
-            training then builds and inverts every pixel's normal matrix instead of solving
-            by conjugate gradients, about 6x slower: 31 s against 5 s for 1000 stars on one
-            core).
+            training then also builds and inverts every pixel's 171 x 171 normal matrix once,
+            about 5x slower: 24 s against 4.5-5 s for 1000 stars on one core).
         solver : {"auto", "direct", "cg"}, optional
             How each pixel's weighted least-squares problem is solved: normal equations built
             and factorised per pixel, or preconditioned conjugate gradients (faster for many

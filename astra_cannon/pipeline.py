@@ -132,7 +132,7 @@ def normalise_label_names(label_names) -> tuple:
 
 # Whether training keeps each pixel's theta covariance, which the test step's model-noise
 # correction needs (CannonModel.train's ``theta_covariance``): "auto" keeps it up to 256 MB
-# (3 labels: yes; 17 labels: no, 0.5 GB and ~6x the training time), "always", "never".
+# (3 labels: yes; 17 labels: no, 0.5 GB and ~5x the training time), "always", "never".
 _THETA_COVARIANCE_TRAIN = {"auto": "auto", "always": True, "never": False}
 THETA_COVARIANCE = tuple(_THETA_COVARIANCE_TRAIN)
 

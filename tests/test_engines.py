@@ -85,6 +85,22 @@ def test_cg_and_direct_training_agree_within_a_small_fraction_of_the_uncertainty
     np.testing.assert_allclose(s2_c, s2_d, rtol=2e-2, atol=1e-9)
 
 
+def test_cg_training_gives_the_theta_covariance_at_its_final_weights(problem):
+    """With conjugate gradients the covariance is one pass of normal matrices at the end."""
+    A, flux, ivar = problem
+    theta, s2, info = train_pixels(A, flux, ivar, solver="cg", theta_covariance=True)
+    K = A.shape[1]
+    assert info["solver"] == "cg" and info["theta_cov"].dtype == np.float32
+    for p in range(0, flux.shape[1], 23):
+        w = ivar[:, p] / (1.0 + ivar[:, p] * s2[p])
+        C = np.linalg.inv((A * w[:, None]).T @ A)
+        np.testing.assert_allclose(unpack_symmetric(info["theta_cov"][p], K), C, rtol=1e-5,
+                                   atol=1e-6 * np.abs(C).max())
+    # and agrees with the direct solver's, computed at each pixel's last alternation
+    direct = train_pixels(A, flux, ivar, solver="direct", theta_covariance=True)[2]["theta_cov"]
+    np.testing.assert_allclose(info["theta_cov"], direct, rtol=2e-2, atol=2e-2 * np.abs(direct).max())
+
+
 def test_cg_training_falls_back_to_the_direct_solve_when_it_does_not_converge(problem, monkeypatch):
     A, flux, ivar = problem
     s2 = np.full(flux.shape[1], 1e-5)
