@@ -1094,10 +1094,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     with contextlib.ExitStack() as stack:
         if n_threads > 1:
             stack.enter_context(_blas_limit(1))
-            results = stack.enter_context(concurrent.futures.ThreadPoolExecutor(n_threads)).map(run_block, starts)
+            blocks_map = stack.enter_context(concurrent.futures.ThreadPoolExecutor(n_threads)).map
         else:
-            results = map(run_block, starts)
-        for n_alt_b, per_alt_b, lu_b, cg_b, n_done in results:
+            blocks_map = map
+        for n_alt_b, per_alt_b, lu_b, cg_b, n_done in blocks_map(run_block, starts):
             n_alt_max = max(n_alt_max, n_alt_b)
             per_alternation += per_alt_b
             lasso_unconverged += lu_b
@@ -1117,9 +1117,7 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
                     with _small_matrix_blas():
                         theta_cov[live] = _inverse_spd(M)[:, iu, ju]
 
-            pool = (stack.enter_context(concurrent.futures.ThreadPoolExecutor(n_threads)).map if n_threads > 1
-                    else map)
-            for _ in pool(covariance_block, range(0, P, cov_block)):
+            for _ in blocks_map(covariance_block, range(0, P, cov_block)):
                 pass
     theta[dead] = 0.0
     theta[dead, 0] = 1.0
@@ -2168,17 +2166,15 @@ def _fit_with_q(stats, vectorizer, x0, rows, ok, k, max_iterations):
         dominated = ~stats.limit_correction(vectorizer, x_all)[ok]
         # (a fit that leaves the region where Q - G is convex may overflow: caught below)
         with np.errstate(over="ignore", invalid="ignore"):
-            n_it = min(max_iterations, _CORRECTED_MAX_ITERATIONS)
-            xb, _, nfev2, ier_b = _levenberg_marquardt(stats, vectorizer, xb, ok, max_iterations=n_it)
-            nfev_total = nfev_total + nfev2
-            # (the cap is for corrected fits: plain ones, where the model's noise dominates, are
-            # only being finished, and get the remaining iterations)
-            slow = np.flatnonzero(dominated & (ier_b == 5))
-            if slow.size and max_iterations > n_it:
-                xb, ier_b, nfev_total = xb.copy(), ier_b.copy(), nfev_total.copy()
-                xb[slow], _, nfev3, ier_b[slow] = _levenberg_marquardt(stats, vectorizer, xb[slow], ok[slow],
-                                                                       max_iterations=max_iterations - n_it)
-                nfev_total[slow] += nfev3
+            # Corrected fits get the cap; plain ones (where the model's noise dominates) are only
+            # being finished, and get the full limit.
+            xb, ier_b, nfev_total = xb.copy(), ier_b.copy(), nfev_total.copy()
+            for part, n_it in ((~dominated, min(max_iterations, _CORRECTED_MAX_ITERATIONS)),
+                               (dominated, max_iterations)):
+                if part.any():
+                    xb[part], _, nfev2, ier_b[part] = _levenberg_marquardt(stats, vectorizer, xb[part], ok[part],
+                                                                           max_iterations=n_it)
+                    nfev_total[part] += nfev2
             if stats.single:
                 stats, xb, _, nfev_total, ier_b = _polish(stats, vectorizer, xb, ok, nfev_total, ier_b,
                                                           max_iterations)
