@@ -94,10 +94,11 @@ def _job_options(parser):
     g.add_argument("--labels", metavar="NAMES", help="comma-separated labels (default: all in the training set)")
     g.add_argument("--order", type=int, default=2, help="polynomial order (default: %(default)s)")
     g.add_argument("--regularization", type=float, default=0.0, help="L1 strength (default: %(default)s)")
-    g.add_argument("--theta-covariance", choices=("auto", "always", "never"), default=None,
-                   help="keep the theta covariance that corrects the labels and uncertainties for the "
-                        "model's own noise: auto keeps it up to 256 MB (3 labels, not 17); always costs "
-                        "0.5 GB and ~5x the training time at 17 labels (default: [astra_cannon] "
+    g.add_argument("--theta-covariance", choices=("auto", "always", "separable", "never"), default=None,
+                   help="the theta covariance that corrects the labels and uncertainties for the "
+                        "model's own noise: auto keeps the exact one up to 256 MB (3 labels) and the "
+                        "separable one above (17 labels); always the exact one (17 labels: 0.5 GB and "
+                        "~5x the training time); separable; never none (default: [astra_cannon] "
                         "theta_covariance or auto)")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="spectra per task (default: [astra_cannon] chunk_size or 500)")

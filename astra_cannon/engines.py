@@ -38,6 +38,7 @@ from threadpoolctl import ThreadpoolController
 
 from . import flags as F
 from .fitting import _s2_newton, s2_newton_step
+from .model_noise import SeparableCovariance, separable_error, separable_theta_covariance, star_weight_profile
 from .monomials import MonomialBasis, pair_products as _pairs_table
 
 __all__ = ["khatri_rao_upper", "merge_equal_columns", "unpack_symmetric", "cg_preconditioner",
@@ -670,8 +671,10 @@ def _inverse_spd(M):
 
 def cg_preconditioner(A, w):
     """``(A^T diag(a) A)^-1`` with ``a`` the stars' mean weight profile over the columns of ``w``
-    (each column divided by its mean): the shared preconditioner of :func:`solve_normal_equations_cg`."""
-    a = (w / w.mean(axis=0)).mean(axis=1)
+    (:func:`~astra_cannon.model_noise.star_weight_profile`): the shared preconditioner of
+    :func:`solve_normal_equations_cg`, and the separable theta covariance's shared matrix."""
+    total, n = star_weight_profile(w)
+    a = total / max(n, 1)
     return _inverse_spd((A * a[:, None]).T @ A)
 
 
@@ -781,6 +784,20 @@ def _cg_correction(A, w, R, Z, rz, scale, precondition, target, n_it, cols, max_
     return out
 
 
+THETA_COVARIANCE_FORMS = ("auto", "exact", "separable", "none")
+
+
+def _theta_covariance_form(value):
+    """``train_pixels``' ``theta_covariance`` as one of :data:`THETA_COVARIANCE_FORMS`."""
+    if value is True:
+        return "exact"
+    if value is False or value is None:
+        return "none"
+    if isinstance(value, str) and value in THETA_COVARIANCE_FORMS:
+        return value
+    raise ValueError(f"theta_covariance must be one of {THETA_COVARIANCE_FORMS} or a bool, not {value!r}")
+
+
 def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=None, max_iterations=8,
                  weight_rtol=1e-2, fixed_s2=None, theta_covariance="auto", solver="auto", n_threads=None,
                  progress=None, pair_monomials=None):
@@ -805,12 +822,16 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         uncertainty, and ``s2`` by less.
     fixed_s2 : ndarray of shape (P,), optional
         Fit theta at this scatter and skip the scatter estimate.
-    theta_covariance : bool or "auto"
-        Also return each pixel's packed theta covariance ``(A^T W A)^-1`` (``info["theta_cov"]``,
-        shape (P, K (K + 1) / 2), float32: inverted in float64, kept to the 7 digits the test
-        step's correction reads), used to propagate the model's uncertainty at test time.
-        "auto": only when it takes at most 256 MB (up to ~120 terms at 8575 pixels; a 17-label
-        quadratic model needs 0.5 GB and a slower solver, so ask for it explicitly).
+    theta_covariance : {"auto", "exact", "separable", "none"} or bool
+        Also return each pixel's theta covariance ``(A^T W A)^-1`` (``info["theta_cov"]``), used
+        to propagate the model's own noise at test time. "exact" (or True): packed, shape
+        (P, K (K + 1) / 2), float32 (inverted in float64, kept to the 7 digits the test step's
+        correction reads). "separable": a :class:`~astra_cannon.model_noise.SeparableCovariance`
+        (one shared inverse and one scale per pixel; a few MB and well under a second at any
+        size). "none" (or False): no covariance. "auto": "exact" when it takes at most 256 MB
+        (up to ~120 terms at 8575 pixels) unless ``solver`` is "cg", else "separable" (a
+        17-label quadratic model's exact covariance needs 0.5 GB and about 5x the training
+        time).
     solver : {"auto", "direct", "cg"}
         "direct" builds and solves every pixel's normal equations (needed for L1 and
         censoring); "cg" uses :func:`solve_normal_equations_cg`, faster for many terms, and
@@ -836,7 +857,10 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         ``n_iterations`` (alternations), ``pixels_per_iteration`` (list), ``dead`` (bool, P),
         ``objective`` (P), ``lasso_sweeps`` (P: feature-sign steps at the last alternation),
         ``lasso_unconverged`` (count), ``solver``,
-        ``cg_iterations`` (mean per pixel and alternation), ``theta_cov``, ``t_train``.
+        ``cg_iterations`` (mean per pixel and alternation), ``theta_cov``,
+        ``theta_covariance`` (the form kept: "exact", "separable" or "none"), ``separable_error``
+        (:func:`~astra_cannon.model_noise.separable_error` of the separable form, else None),
+        ``t_train``.
     """
     t0 = time.perf_counter()
     A = np.ascontiguousarray(design_matrix, dtype=float)
@@ -847,12 +871,15 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     n_free = np.broadcast_to(n_free, (P,))
     iu, ju = _upper_indices(K)
     Kt = K * (K + 1) // 2
-    if theta_covariance == "auto":
+    form = _theta_covariance_form(theta_covariance)
+    if form == "auto":
         # an explicit choice of the matrix-free solver wins over "auto"
-        theta_covariance = solver != "cg" and P * Kt * 4 <= _PAIRS_CACHE_BYTES
+        form = "exact" if solver != "cg" and P * Kt * 4 <= _PAIRS_CACHE_BYTES else "separable"
     needs_matrix = censored_terms is not None or bool(np.any(lam > 0))
     if solver == "auto":
         solver = "cg" if K > 40 and not needs_matrix else "direct"
+    separable = form == "separable"
+    theta_covariance = form == "exact"
     if solver not in ("direct", "cg"):
         raise ValueError(f"solver must be 'auto', 'direct' or 'cg', not {solver!r}")
     if solver == "cg" and needs_matrix:
@@ -1119,6 +1146,13 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
 
             for _ in blocks_map(covariance_block, range(0, P, cov_block)):
                 pass
+    separable_check = None
+    if separable:
+        s2_final = np.where(dead, np.inf, s2)
+        theta_cov = separable_theta_covariance(A, ivar, s2_final, censored_terms,
+                                               block=max(1, _ELEMENTWISE_BYTES // (8 * N)))
+        with _small_matrix_blas():
+            separable_check = separable_error(A, ivar, s2_final, theta_cov, censored_terms)
     theta[dead] = 0.0
     theta[dead, 0] = 1.0
     return theta, s2, {
@@ -1131,6 +1165,8 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
         "solver": solver,
         "cg_iterations": cg_iterations / max(1, int(per_alternation.sum())),
         "theta_cov": theta_cov,
+        "theta_covariance": form,
+        "separable_error": separable_check,
         "t_train": time.perf_counter() - t0,
     }
 
@@ -1239,8 +1275,9 @@ class SpectrumStatistics:
         a float32 table makes ``Q`` single precision (see ``single``).
     extra_variance : ndarray, shape (S, P), optional
         Variance added to every pixel's noise, on top of ``s2``.
-    theta_cov : ndarray, shape (P, K (K + 1) / 2), optional
-        Packed per-pixel covariance of theta. When given, ``G = sum_p w_p Cov(theta_p)`` is
+    theta_cov : ndarray, shape (P, K (K + 1) / 2), or SeparableCovariance, optional
+        Packed per-pixel covariance of theta (or its separable form: then ``G`` costs one
+        product with its ``(P, J)`` pixel weights). When given, ``G = sum_p w_p Cov(theta_p)`` is
         built too, and :meth:`limit_correction` makes the fit objective ``Qfit = Q - G``. Without it the
         fitted labels are pulled towards where the model is best determined (the training
         set's centre), because the squared model error ``v^T Cov(theta_p) v`` grows away from
@@ -1258,6 +1295,9 @@ class SpectrumStatistics:
     Q, Qfit, G : ndarray, shape (S, K, K)
         ``G`` is None without ``theta_cov``; ``Qfit`` is ``Q`` (the plain objective: ``Q - G`` is
         safe only near an optimum) until :meth:`limit_correction` corrects it there.
+    g_parts, g_shared : ndarray, shape (S, J) and (J, K (K + 1) / 2), or None
+        With a separable ``theta_cov``: ``G_s = sum_j g_parts[s, j] C_j``, ``C_j`` packed in
+        ``g_shared`` (the polynomial path multiplies by the ``C_j`` for all spectra at once).
     c : ndarray, shape (S, K)
     e, n_pixels : ndarray, shape (S,)
     snr, mean_flux : ndarray, shape (S,)
@@ -1296,7 +1336,14 @@ class SpectrumStatistics:
         snr_vals = _scratch("snr", (S, P), np.float32) if summaries else None
         bad_all = _scratch("bad", (S, P), bool)
         blocks = self._blocks(S, P, threaded=getattr(_THREADED, "active", False))
-        sums = self._sweep(blocks, theta_cov, candidates, snr_vals, bad_all)
+        separable = isinstance(theta_cov, SeparableCovariance)
+        sums = self._sweep(blocks, theta_cov.pixel_weights if separable else theta_cov, candidates, snr_vals,
+                           bad_all)
+        # sum_p w_p sum_j U[p, j] C_j = (w @ U) @ C: the (S, J) weights of the shared matrices
+        self.g_parts = sums["g"] if separable else None
+        self.g_shared = theta_cov.shared if separable else None
+        if separable:
+            sums["g"] = sums["g"] @ theta_cov.shared
         self._Qf, self.c, self.e, self._Gf, self.grid = sums["q"], sums["c"], sums["e"], sums["g"], sums["grid"]
         fsum = sums["fsum"]
         flat = np.flatnonzero(bad_all)  # row-major: each row's bad pixels in order
@@ -1945,18 +1992,17 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
         return pick, x1, chi1, _inverse_or_nan(_data_curvature(basis, H1, u1, x1)), nfev_b, ier_b, dominated
 
     K = basis.n_terms
-    packed = np.asarray(stats.g[spectra], dtype=float)
-    G = unpack_symmetric(packed, K)
-    gam = basis.merge(packed, dtype=np.float64)  # v^T G v as a polynomial: the corrected objective's part
+    G = _NoiseMatrices(stats, spectra)
+    gam = G.merged(basis)  # v^T G v as a polynomial: the corrected objective's part
     Hg = basis.hessian_coefficients(gam)
 
     def model_noise(xs, rows_):
         """At xs: v^T G v, D^T G v (half its gradient), D^T G D, and half its Hessian."""
         V = vectorizer._vector_rows(xs)
         D = vectorizer._derivative_rows(xs, V)
-        GV = (G[rows_] @ V[:, :, None])[:, :, 0]
+        GV, GD = G.products(rows_, V, D)
         Dt = np.transpose(D, (0, 2, 1))
-        return (np.einsum("rk,rk->r", V, GV), (Dt @ GV[:, :, None])[:, :, 0], Dt @ (G[rows_] @ D),
+        return (np.einsum("rk,rk->r", V, GV), (Dt @ GV[:, :, None])[:, :, 0], Dt @ GD,
                 0.5 * basis.hessian(None, xs, coefficients=Hg[rows_]))
 
     def corrected(xs, rows_):
@@ -2025,6 +2071,47 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
         cov[d] += b[:, :, None] * b[:, None, :]
     cov *= (1.0 + eps)[:, None, None]
     return pick, x_f, chi_f / (1.0 + eps), cov, nfev_b, ier_b, dominated
+
+
+class _NoiseMatrices:
+    """The model-noise matrices ``G_s = sum_p w_sp Cov(theta_p)`` of spectra ``spectra`` of
+    ``stats``: per spectrum (packed ``stats.g``), or, from a separable theta covariance,
+    ``G_s = sum_j stats.g_parts[s, j] C_j`` with a few shared ``C_j``: then every product
+    with them is one matrix product per ``C_j`` for all spectra, and no K x K matrix is made
+    per spectrum (at 17 labels that was 10 % of the test step)."""
+
+    def __init__(self, stats, spectra):
+        self.K = stats.K
+        parts = getattr(stats, "g_parts", None)
+        if parts is not None:
+            self.parts = np.asarray(parts[spectra], dtype=float)
+            self.shared = np.asarray(stats.g_shared, dtype=float)
+            self.C = unpack_symmetric(self.shared, self.K)
+        else:
+            self.parts = None
+            self.packed = np.asarray(stats.g[spectra], dtype=float)
+            self.G = unpack_symmetric(self.packed, self.K)
+
+    def merged(self, basis):
+        """``v^T G_s v`` as a polynomial per spectrum: (R, M) coefficients."""
+        if self.parts is None:
+            return basis.merge(self.packed, dtype=np.float64)
+        return self.parts @ basis.merge(self.shared, dtype=np.float64)
+
+    def products(self, rows, V, D):
+        """``G V`` (R, K) and ``G D`` (R, K, L) for label vectors ``V`` and derivatives ``D`` of
+        spectra ``rows`` (indices into ``spectra``)."""
+        if self.parts is None:
+            G = self.G[rows]
+            return (G @ V[:, :, None])[:, :, 0], G @ D
+        R, K, L = D.shape
+        GV, GD = np.zeros((R, K)), np.zeros((R, K, L))
+        Dk = np.ascontiguousarray(np.transpose(D, (1, 0, 2))).reshape(K, R * L)
+        for j, C in enumerate(self.C):
+            w = self.parts[rows, j]
+            GV += (V @ C) * w[:, None]  # C symmetric
+            GD += np.transpose((C @ Dk).reshape(K, R, L), (1, 0, 2)) * w[:, None, None]
+        return GV, GD
 
 
 def _data_curvature(basis, H_half, u, x):
@@ -2299,8 +2386,8 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
     normalised_range : (float, float)
         A spectrum whose mean usable flux lies outside this range is flagged
         ``UNNORMALISED_FLUX`` and not fitted.
-    theta_cov : ndarray, shape (P, K (K + 1) / 2), optional
-        Packed covariance of each pixel's theta from training. When given, the fit is
+    theta_cov : ndarray, shape (P, K (K + 1) / 2), or SeparableCovariance, optional
+        Packed covariance of each pixel's theta from training (or its separable form). When given, the fit is
         corrected for the model's own noise (the corrected score ``Q - G``, from the same pass
         over the pixels), the covariance is that of the corrected fit (a sandwich), and chi2 and
         the covariance include the model's variance ``v^T C_p v`` at the fitted labels (to
@@ -2355,7 +2442,9 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         pairs = _pairs_table(theta, dtype)
     # G (the model-noise correction of the objective) comes from float32 products: it is a
     # correction, so their ~1e-7 relative error is far below what matters.
-    theta_cov32 = None if theta_cov is None else np.asarray(theta_cov, dtype=np.float32)
+    theta_cov32 = theta_cov
+    if theta_cov is not None and not isinstance(theta_cov, SeparableCovariance):
+        theta_cov32 = np.asarray(theta_cov, dtype=np.float32)
     if batch_size is None:
         batch_size = _SMALL_MODEL_BATCH if K < _SINGLE_PRECISION_MIN_TERMS else _LARGE_MODEL_BATCH
     if n_threads is None:

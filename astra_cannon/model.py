@@ -17,6 +17,7 @@ from .censoring import censor_mask, censored_terms, censors_to_json
 from .engines import (_basis, label_spectra, monomial_basis_for, theta_pairs_for, theta_table,
                       theta_table_layout, train_pixels)
 from .fitting import jsonable
+from .model_noise import SeparableCovariance
 from .vectorizer import PolynomialVectorizer
 
 __all__ = ["CannonModel", "ModelFileError", "SCHEMA_VERSION"]
@@ -65,6 +66,10 @@ def _code_version():
 
 
 _NO_THETA_COV = "no theta covariance kept"
+_SEPARABLE_OFF = "separable theta covariance off"
+#: Warn when the separable theta covariance is further than this (relative Frobenius error)
+#: from the exact one at a checked pixel (17-label benchmark: 13 % at worst).
+SEPARABLE_ERROR_WARNING = 0.3
 
 
 class CannonModel:
@@ -242,12 +247,17 @@ class CannonModel:
         ----------
         max_iterations : int, optional
             Alternations between theta and s2.
-        theta_covariance : bool or "auto", optional
+        theta_covariance : {"auto", "exact", "separable", "none"} or bool, optional
             Keep each pixel's theta covariance so that :meth:`test` can correct for the model's
-            own noise (see ``model_uncertainty``). "auto" keeps it when it takes at most
-            256 MB; a 17-label quadratic model at 8575 pixels needs 0.5 GB (pass True; its
-            training then also builds and inverts every pixel's 171 x 171 normal matrix once,
-            about 5x slower: 24 s against 4.5-5 s for 1000 stars on one core).
+            own noise (see ``model_uncertainty``). "exact" (or True) keeps every pixel's
+            packed covariance; "separable" keeps ``Cov(theta_p) ~ C / a_p``, one shared
+            matrix and one scale per pixel (see :mod:`astra_cannon.model_noise`; within ~10 % of
+            the exact one on survey-like weights, with equally honest label pulls); "none"
+            (or False) keeps nothing, and the test step's uncertainties then miss the model's
+            noise. "auto" keeps the exact form when it takes at most 256 MB and the separable
+            one otherwise: a 17-label quadratic model at 8575 pixels would need 0.5 GB, and
+            building it (every pixel's 171 x 171 normal matrix and inverse) makes training
+            about 5x slower (24 s against 4.5-5 s for 1000 stars on one core).
         solver : {"auto", "direct", "cg"}, optional
             How each pixel's weighted least-squares problem is solved: normal equations built
             and factorised per pixel, or preconditioned conjugate gradients (faster for many
@@ -288,15 +298,25 @@ class CannonModel:
             "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "code_version": _code_version(),
         }
+        summary["theta_covariance"] = info["theta_covariance"]
+        if info["separable_error"] is not None:
+            summary["separable_error"] = info["separable_error"]
         self.metadata["training"] = summary
-        warned = [w for w in self.metadata.get("warnings", []) if not w.startswith(_NO_THETA_COV)]
+        warned = [w for w in self.metadata.get("warnings", [])
+                  if not w.startswith((_NO_THETA_COV, _SEPARABLE_OFF))]
+        check = info["separable_error"]
+        if check is not None and check["max"] is not None and check["max"] > SEPARABLE_ERROR_WARNING:
+            warned.append(f"{_SEPARABLE_OFF} by up to {100 * check['max']:.0f}% (pixel {check['worst_pixel']}; "
+                          f"median {100 * check['median']:.0f}% over {check['n_pixels']} pixels checked): the "
+                          f"training weights are far from separable (e.g. many stars masked at some "
+                          f"pixels), so the model-noise correction is approximate there; "
+                          f"train(theta_covariance='exact') keeps the exact one")
         if self.theta_cov is None:
             K = self.vectorizer.n_terms
             warned.append(f"{_NO_THETA_COV}: the test step's uncertainties exclude the model's own noise "
                           f"({summary['n_stars']} training stars for {K} terms; at 17 labels x 1000 stars they "
-                          f"were 3-6x too small); train(theta_covariance=True) keeps it "
-                          f"({summary['n_pixels'] * K * (K + 1) // 2 * 4 / 2**20:.0f} MB; in the pipeline "
-                          f"theta_covariance = always)")
+                          f"were 3-6x too small); train(theta_covariance='separable') keeps it "
+                          f"(in the pipeline theta_covariance = auto or separable)")
         self.metadata["warnings"] = warned
         meta = dict(summary, objective=info["objective"], dead=info["dead"])
         return theta, s2, meta
@@ -365,8 +385,8 @@ class CannonModel:
             labels (``v^T Cov(theta_p) v`` per pixel) is included in chi2 and the label
             uncertainties, to first order. Spectra whose labels the model's noise dominates
             keep the plain fit, flagged ``MODEL_NOISE_DOMINATED``, with its expected bias in the
-            covariance. Needs ``theta_cov`` from training (kept when it fits in 256 MB, e.g. up
-            to ~40 terms at 8575 pixels); otherwise ignored.
+            covariance. Needs ``theta_cov`` from training (exact or separable, kept by
+            default); otherwise ignored.
         progress : callable, optional
             ``progress(n_spectra_done)``.
 
@@ -447,7 +467,9 @@ class CannonModel:
 
     @property
     def theta_cov(self):
-        """Packed covariance of each pixel's theta, shape (P, K (K + 1) / 2), float32, or None.
+        """Covariance of each pixel's theta: packed, shape (P, K (K + 1) / 2), float32; or its
+        separable form, a :class:`~astra_cannon.model_noise.SeparableCovariance` (whose
+        ``packed(pixels)`` gives the same layout); or None.
 
         float32 (7 digits) is what the test step's model-noise correction reads, at half the
         memory and file size (0.5 GB at 17 labels and 8575 pixels). Read-only (assign a new
@@ -462,7 +484,7 @@ class CannonModel:
 
     def _set_theta_cov(self, value, copy):
         """``copy=False`` for a fresh array of our own (from training or a file)."""
-        if value is not None:
+        if value is not None and not isinstance(value, SeparableCovariance):
             value = np.array(value, dtype=np.float32) if copy else np.asarray(value, dtype=np.float32)
             value.setflags(write=False)
         self.__dict__["_theta_cov"] = value
@@ -600,7 +622,10 @@ class CannonModel:
         }
         if self.dispersion is not None:
             arrays["dispersion"] = self.dispersion
-        if self.theta_cov is not None:
+        if isinstance(self.theta_cov, SeparableCovariance):
+            arrays["theta_cov_pixel_weights"] = self.theta_cov.pixel_weights
+            arrays["theta_cov_shared"] = self.theta_cov.shared
+        elif self.theta_cov is not None:
             arrays["theta_cov"] = self.theta_cov
         if include_training_set:
             arrays["training_set_flux"] = self.training_set_flux
@@ -708,9 +733,21 @@ class CannonModel:
         model.fiducials, model.scales = arrays["fiducials"], arrays["scales"]
         model.theta, model.s2 = theta, s2
         model._set_theta_cov(arrays.get("theta_cov"), copy=False)
-        if model.theta_cov is not None and (model.theta_cov.shape != (P, vec.n_terms * (vec.n_terms + 1) // 2)
+        Kt = vec.n_terms * (vec.n_terms + 1) // 2
+        if model.theta_cov is not None and (model.theta_cov.shape != (P, Kt)
                                             or not np.all(np.isfinite(model.theta_cov))):
             raise ModelFileError(f"{path}: theta_cov has shape {model.theta_cov.shape} or non-finite values")
+        parts = [arrays.get(k) for k in ("theta_cov_pixel_weights", "theta_cov_shared")]
+        if any(part is not None for part in parts):
+            try:
+                separable = SeparableCovariance(*parts)
+            except (TypeError, ValueError) as e:
+                raise ModelFileError(f"{path}: bad separable theta covariance: {e}") from e
+            if model.theta_cov is not None or separable.n_pixels != P or separable.shared.shape[1] != Kt:
+                raise ModelFileError(f"{path}: separable theta covariance of {separable.n_pixels} pixels and "
+                                     f"{separable.n_terms} terms, or beside an exact one, for a model of {P} "
+                                     f"pixels and {vec.n_terms} terms")
+            model._set_theta_cov(separable, copy=False)
         model.metadata = header.get("metadata", {})
         model.metadata["file"] = {"code_version": header.get("code_version"), "written": header.get("written")}
         model._training_set_hash = header.get("training_set_hash")

@@ -130,10 +130,12 @@ def normalise_label_names(label_names) -> tuple:
     return tuple(sorted(names))
 
 
-# Whether training keeps each pixel's theta covariance, which the test step's model-noise
-# correction needs (CannonModel.train's ``theta_covariance``): "auto" keeps it up to 256 MB
-# (3 labels: yes; 17 labels: no, 0.5 GB and ~5x the training time), "always", "never".
-_THETA_COVARIANCE_TRAIN = {"auto": "auto", "always": True, "never": False}
+# Which theta covariance training keeps for the test step's model-noise correction
+# (CannonModel.train's ``theta_covariance``): "auto" keeps the exact one up to 256 MB (3 labels)
+# and the separable one above (17 labels: the exact one takes 0.5 GB and ~5x the training
+# time); "always" the exact one, "separable", "never" none (uncertainties without the model's
+# noise: 3-6x too small at 17 labels x 1000 stars).
+_THETA_COVARIANCE_TRAIN = {"auto": "auto", "always": "exact", "separable": "separable", "never": "none"}
 THETA_COVARIANCE = tuple(_THETA_COVARIANCE_TRAIN)
 
 
@@ -881,7 +883,7 @@ class Job:
     chunk_size : int
     code_version : str
     model_dir : str or None
-    theta_covariance : {"auto", "always", "never"}
+    theta_covariance : {"auto", "always", "separable", "never"}
         Whether training keeps the theta covariance that the model-noise correction needs
         (see :data:`THETA_COVARIANCE`).
     """

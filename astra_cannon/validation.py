@@ -110,7 +110,7 @@ def cross_validate(labels, flux, ivar, vectorizer, n_folds=5, regularization=Non
         Wavelengths (needed when ``censors`` uses wavelength ranges).
     progress : callable, optional
         Called as ``progress(folds_done, n_folds)`` after each fold.
-    theta_covariance : bool or "auto"
+    theta_covariance : {"auto", "exact", "separable", "none"} or bool
         Passed to :meth:`CannonModel.train` (whether the test step corrects for the model's noise).
     **test_kwargs
         Passed to :meth:`CannonModel.test` (e.g. ``n_init``, ``max_iterations``).

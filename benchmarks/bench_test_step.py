@@ -30,10 +30,13 @@ from astra_cannon import CannonModel, PolynomialVectorizer  # noqa: E402
 
 def trained_model(w, n_labels, n_train, cache, theta_covariance):
     os.makedirs(cache, exist_ok=True)
-    tag = "cov" if theta_covariance is True else "auto"
+    tag = {"exact": "cov"}.get(theta_covariance, theta_covariance)
     path = os.path.join(cache, f"model_{n_labels}x{n_train}_{tag}.npz")
     if os.path.exists(path):
-        return CannonModel.read(path)
+        model = CannonModel.read(path)
+        # models cached before training recorded the form it kept are retrained
+        if "theta_covariance" in model.metadata.get("training", {}):
+            return model
     model = CannonModel(w["train_labels"], w["train_flux"], w["train_ivar"],
                         PolynomialVectorizer(w["label_names"], 2))
     model.train(theta_covariance=theta_covariance)
@@ -58,20 +61,23 @@ def main():
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--theta-cov", action="store_true",
-                    help="train with theta_covariance=True (17 labels: 1 GB) so the correction runs")
+    ap.add_argument("--theta-covariance", default="auto", choices=("auto", "exact", "separable", "none"),
+                    help="what training keeps for the model-noise correction (auto: exact up to 256 MB, "
+                         "separable above; exact at 17 labels takes 0.5 GB and ~24 s)")
+    ap.add_argument("--theta-cov", action="store_true", help="same as --theta-covariance exact")
     ap.add_argument("--cache", default="/tmp/astra_cannon_bench")
     ap.add_argument("--modes", default="default,fast")
     ap.add_argument("--save", help="write labels/cov of each mode to this .npz")
     args = ap.parse_args()
 
     w = make_workload(n_labels=args.labels, n_train=args.n_train, n_test=300)
-    model = trained_model(w, args.labels, args.n_train, args.cache, True if args.theta_cov else "auto")
+    model = trained_model(w, args.labels, args.n_train, args.cache,
+                          "exact" if args.theta_cov else args.theta_covariance)
     flux, ivar = w["test_flux"][:args.n_test], w["test_ivar"][:args.n_test]
     truth = w["test_labels"][:args.n_test]
     model.test(flux[:8], ivar[:8])  # warm-up (threadpool controller, caches)
     report, saved = {"labels": args.labels, "n_test": args.n_test,
-                     "theta_cov": model.theta_cov is not None}, {}
+                     "theta_cov": model.metadata["training"]["theta_covariance"]}, {}
     for mode in args.modes.split(","):
         (labels, cov, meta), wall, cpu, walls = time_test(
             model, flux, ivar, args.repeat, model_uncertainty=(mode == "default"))

@@ -109,8 +109,9 @@ class _ModelParameters:
     progress = luigi.BoolParameter(default=False, significant=False, description="print progress lines")
     theta_covariance = luigi.ChoiceParameter(
         choices=pipeline.THETA_COVARIANCE, default="auto",
-        description="keep the theta covariance for the model-noise correction: auto (up to 256 MB: "
-                    "3 labels yes, 17 labels no), always (17 labels: 0.5 GB, ~5x the training time), never")
+        description="theta covariance for the model-noise correction: auto (exact up to 256 MB, "
+                    "3 labels; separable above, 17 labels), always (exact; 17 labels: 0.5 GB, ~5x the "
+                    "training time), separable, never")
 
     def to_str_params(self, only_significant=False, only_public=False):
         params = super().to_str_params(only_significant=only_significant, only_public=only_public)

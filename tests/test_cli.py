@@ -124,6 +124,7 @@ def test_theta_covariance_comes_from_the_option_then_the_configuration(cli_env, 
     monkeypatch.setenv("ASTRA_CANNON_THETA_COVARIANCE", "never")
     assert job().theta_covariance == "never"
     assert job("--theta-covariance", "always").theta_covariance == "always"
+    assert job("--theta-covariance", "separable").theta_covariance == "separable"
     monkeypatch.setenv("ASTRA_CANNON_THETA_COVARIANCE", "sometimes")
     with pytest.raises(ValueError, match="theta_covariance"):
         job()

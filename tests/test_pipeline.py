@@ -9,6 +9,7 @@ import pytest
 from astra_cannon import flags as F, pipeline, store
 from astra_cannon.io.base import Spectra
 from astra_cannon.models import CannonResult
+from astra_cannon.model_noise import SeparableCovariance
 
 
 @pytest.fixture
@@ -58,9 +59,9 @@ def test_theta_covariance_enters_the_model_identity_only_when_not_auto():
     assert pipeline.model_identity(**base, theta_covariance="auto") == old
     names = {pipeline.model_name(pipeline.model_identity(**base, theta_covariance=v))
              for v in pipeline.THETA_COVARIANCE}
-    assert len(names) == 3
+    assert len(names) == 4
     assert [pipeline.training_theta_covariance(pipeline.model_identity(**base, theta_covariance=v))
-            for v in pipeline.THETA_COVARIANCE] == ["auto", True, False]
+            for v in pipeline.THETA_COVARIANCE] == ["auto", "exact", "separable", "none"]
     with pytest.raises(ValueError, match="theta_covariance"):
         pipeline.model_identity(**base, theta_covariance="yes")
     with pytest.raises(ValueError, match="theta_covariance"):
@@ -85,7 +86,14 @@ def test_training_keeps_or_drops_the_theta_covariance_as_the_identity_says(env, 
     assert row.name == pipeline.model_name(identity) != pipeline.model_name(_identity(job))
     model, _, _ = pipeline.train_and_register(training_set=job.training_set, identity=_identity(job),
                                               path=tmp_path / "auto.npz")
-    assert model.theta_cov is not None  # 15 terms: "auto" keeps it
+    assert isinstance(model.theta_cov, np.ndarray)  # 15 terms: "auto" keeps the exact one
+    separable = pipeline.model_identity(**{**identity, "theta_covariance": "separable"})
+    model, row, summary = pipeline.train_and_register(training_set=job.training_set, identity=separable,
+                                                      path=tmp_path / "separable.npz")
+    assert isinstance(model.theta_cov, SeparableCovariance)
+    assert isinstance(type(model).read(tmp_path / "separable.npz").theta_cov, SeparableCovariance)
+    assert not any("no theta covariance" in w for w in summary["warnings"])
+    assert row.name not in (pipeline.model_name(identity), pipeline.model_name(_identity(job)))
 
 
 @pytest.mark.parametrize("bad", ["", "TEFF,TEFF", "TEFF'; DROP TABLE cannon_result; --", "../etc", "A" * 80,
