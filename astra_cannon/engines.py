@@ -38,7 +38,8 @@ from threadpoolctl import ThreadpoolController
 
 from . import flags as F
 from .fitting import _s2_newton, s2_newton_step
-from .model_noise import SeparableCovariance, separable_error, separable_theta_covariance, star_weight_profile
+from .model_noise import (SeparableCovariance, inverse_spd as _inverse_spd, separable_error,
+                          separable_theta_covariance, star_weight_profile)
 from .monomials import MonomialBasis, pair_products as _pairs_table
 
 __all__ = ["khatri_rao_upper", "merge_equal_columns", "unpack_symmetric", "cg_preconditioner",
@@ -659,14 +660,6 @@ def pixel_objective(M, b, c, theta, lam, solved=None, Mtheta=None):
             Mt = (M[rest] @ t[:, :, None])[:, :, 0]
         chi2[rest] = np.einsum("pi,pi->p", t, Mt) - 2 * np.einsum("pi,pi->p", b[rest], t) + c[rest]
     return chi2 + lam * np.abs(theta[:, 1:]).sum(axis=1)
-
-
-def _inverse_spd(M):
-    """Inverse of a stack of symmetric matrices; pseudo-inverse where singular."""
-    try:
-        return np.linalg.inv(M)
-    except np.linalg.LinAlgError:
-        return np.linalg.pinv(M, hermitian=True)
 
 
 def cg_preconditioner(A, w):

@@ -38,7 +38,8 @@ def _upper(K):
     return np.triu_indices(K)
 
 
-def _inverse(M):
+def inverse_spd(M):
+    """Inverse of a (stack of) symmetric matrices; pseudo-inverse where singular."""
     try:
         return np.linalg.inv(M)
     except np.linalg.LinAlgError:
@@ -181,7 +182,7 @@ def separable_theta_covariance(design_matrix, ivar, s2, censored_terms=None, blo
         free = np.flatnonzero(~censored)
         Af = A[:, free]
         C = np.zeros((K, K))
-        C[np.ix_(free, free)] = _inverse((Af * profile[:, None]).T @ Af)
+        C[np.ix_(free, free)] = inverse_spd((Af * profile[:, None]).T @ Af)
         shared[j] = C[iu, ju]
         leverage[j] = np.einsum("nk,nk->n", Af @ C[np.ix_(free, free)], Af)
         n_free[j] = free.size
@@ -236,7 +237,7 @@ def separable_error(design_matrix, ivar, s2, covariance, censored_terms=None, n_
         # a censored term is fixed: its row and column are dropped (identity in the inverse, zeroed after)
         M[np.broadcast_to(cens[:, :, None], M.shape) | np.broadcast_to(cens[:, None, :], M.shape)] = 0.0
         M[:, np.arange(K), np.arange(K)] += cens
-    exact = _inverse(M)
+    exact = inverse_spd(M)
     if censored_terms is not None:
         exact[np.broadcast_to(cens[:, :, None], exact.shape) | np.broadcast_to(cens[:, None, :], exact.shape)] = 0.0
     iu, ju = _upper(K)
