@@ -1861,9 +1861,7 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
     a = a[used]
     # The Hessian only steers the steps (the gradient and each step's chi2 change are float64):
     # float32 halves the largest stack read every iteration.
-    Gc = basis.gradient_coefficients(a)
-    if single_gradient:
-        Gc = Gc.astype(np.float32)
+    Gc = basis.gradient_coefficients(a, dtype=np.float32 if single_gradient else np.float64)
     Hc = basis.hessian_coefficients(a, dtype=np.float32)
 
     def gradient(rw_, U):

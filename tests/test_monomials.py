@@ -59,6 +59,30 @@ def test_gradient_and_hessian_match_finite_differences():
     np.testing.assert_allclose(H, np.transpose(H, (0, 2, 1)))
 
 
+@pytest.mark.parametrize("n_labels, order", [(17, 2), (3, 3), (2, 4), (5, 1)])
+def test_monomial_values_are_the_powers_of_the_labels(n_labels, order):
+    basis = MonomialBasis(PolynomialVectorizer([f"L{i}" for i in range(n_labels)], order))
+    x = np.random.default_rng(5).uniform(-1.5, 1.5, (6, n_labels))
+    direct = np.prod(x[:, None, :] ** basis.exponents[None], axis=2)
+    np.testing.assert_allclose(basis.values(x), direct, rtol=1e-13, atol=1e-15)
+    assert basis._runs is not None  # the table is built from slices, not gathers
+
+
+def test_coefficient_stacks_are_blas_ready_in_the_precision_asked_for():
+    """One C-ordered matrix per spectrum (stacked matmul hands only those to BLAS), the same
+    numbers in float32 as in float64."""
+    rng = np.random.default_rng(4)
+    basis = MonomialBasis(PolynomialVectorizer([f"L{i}" for i in range(5)], 2))
+    a = rng.normal(size=(7, basis.n_monomials))
+    for make, n in ((basis.gradient_coefficients, len(basis.grad_monomials)),
+                    (basis.hessian_coefficients, len(basis.hess_monomials))):
+        double, single = make(a), make(a, dtype=np.float32)
+        assert double.dtype == np.float64 and single.dtype == np.float32
+        assert double.shape == single.shape and double.shape[:2] == (7, n)
+        assert double.flags.c_contiguous and single.flags.c_contiguous
+        np.testing.assert_allclose(single, double, rtol=1e-6, atol=1e-6 * np.abs(double).max())
+
+
 def test_monomial_table_gives_the_pair_sums_of_theta_weighted_gram_matrix():
     rng = np.random.default_rng(2)
     vec = PolynomialVectorizer(["A", "B", "C", "D"], 2)
