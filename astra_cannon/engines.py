@@ -1829,6 +1829,23 @@ def _stacked(stack, rows, X):
     return (Z.reshape(S, width, n) @ stack).reshape(S * width, -1)[pos]
 
 
+def _leading(columns):
+    """``columns`` as a slice when they are ``0 .. n-1`` (a view instead of a gather), else as is."""
+    n = len(columns)
+    return slice(0, n) if np.array_equal(columns, np.arange(n)) else columns
+
+
+def _table(U, rows, columns, dtype):
+    """``U[rows][:, columns]`` in ``dtype``, gathering only that block (``rows`` None: all)."""
+    if rows is None:
+        block = U[:, columns]
+    elif isinstance(columns, slice):
+        block = U[rows, columns]
+    else:
+        block = U[np.ix_(rows, columns)]
+    return block.astype(dtype, copy=False)
+
+
 def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, single_gradient=False,
                    convex_only=False):
     """Levenberg-Marquardt on ``chi2(x) = sum_m a[s, m] x^m`` for (spectrum, start) rows.
@@ -1864,19 +1881,32 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
     Gc = basis.gradient_coefficients(a, dtype=np.float32 if single_gradient else np.float64)
     Hc = basis.hessian_coefficients(a, dtype=np.float32)
 
-    def gradient(rw_, U):
-        return 0.5 * _stacked(Gc, rw_, U[:, gi].astype(Gc.dtype)).astype(np.float64)
+    # The monomial table (R x 5985 at 17 labels) is the largest array of an iteration: rows
+    # are selected from it only where a subset is needed, and the derivatives read only their
+    # columns (a leading slice of the graded order).
+    g_cols, h_cols = _leading(gi), _leading(hi)
 
-    def hessian(rw_, U):
-        return 0.5 * basis.unpack_hessian(_stacked(Hc, rw_, U[:, hi].astype(np.float32)).astype(np.float64))
+    def gradient(rw_, U, sel=None):
+        return 0.5 * _stacked(Gc, rw_, _table(U, sel, g_cols, Gc.dtype)).astype(np.float64)
+
+    def hessian(rw_, U, sel=None):
+        return 0.5 * basis.unpack_hessian(_stacked(Hc, rw_, _table(U, sel, h_cols, np.float32)).astype(np.float64))
 
     x_out, chi_out = x0.copy(), np.zeros(R)
     nfev = np.ones(R, dtype=int)
     ier = np.zeros(R, dtype=int)
     idx = np.arange(R)
     xa = x0.copy()
-    Ua = basis.values(xa)
-    obj = np.einsum("rm,rm->r", a[rw], Ua)
+    # The monomial tables live in per-thread scratch arrays (fresh arrays of this size cost the
+    # kernel's zeroing of their pages in every iteration): the current one, the trial steps'
+    # new values and differences, and rows gathered from them.
+    M = basis.n_monomials
+    spare, diff, rows_buf = (_scratch(f"lm_{name}", (R, M)) for name in ("spare", "diff", "rows"))
+    Ua = basis.values(xa, out=_scratch("lm_table", (R, M)))
+    # each row's objective coefficients, kept in step with the working rows
+    a_rows = np.take(a, rw, axis=0, out=_scratch("lm_coef", (R, M)))
+    a_spare = _scratch("lm_coef_spare", (R, M))
+    obj = np.einsum("rm,rm->r", a_rows, Ua)
     g, H = gradient(rw, Ua), hessian(rw, Ua)
     lam = np.full(R, 1e-4)
     for _ in range(max_iterations):
@@ -1885,21 +1915,27 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
         step, status = _damped_step(H, g, lam, chi2_atol)
         go = np.flatnonzero(status == 0)
         if go.size:
+            n_go, every = go.size, go.size == idx.size
             x_try = xa[go] - step[go]
-            dU, U_try = basis.differences(Ua[go], xa[go], x_try)
-            change = np.einsum("rm,rm->r", a[rw[go]], dU)
+            U_go = Ua if every else np.take(Ua, go, axis=0, out=rows_buf[:n_go])
+            dU, U_try = basis.differences(U_go, xa[go], x_try, out=(diff[:n_go], spare[:n_go]))
+            change = np.einsum("rm,rm->r", a_rows if every else np.take(a_rows, go, axis=0, out=rows_buf[:n_go]), dU)
             nfev[idx[go]] += 1
             ok = np.isfinite(change) & (change <= 0)
             k = go[ok]
             if k.size:
-                xa[k], Ua[k] = x_try[ok], U_try[ok]
+                xa[k] = x_try[ok]
+                if k.size == idx.size:
+                    Ua, spare = U_try, Ua  # every row moved: swap the tables
+                else:
+                    Ua[k] = U_try[ok]
                 obj[k] += change[ok]
-                g[k] = gradient(rw[k], Ua[k])
+                g[k] = gradient(rw[k], Ua, None if k.size == idx.size else k)
                 # The Hessian is refreshed after steps that gained more than 0.01 in chi2; after
                 # smaller ones it has hardly changed (Newton's convergence stays superlinear).
                 far = k[change[ok] < -1e-2]
                 if far.size:
-                    H[far] = hessian(rw[far], Ua[far])
+                    H[far] = hessian(rw[far], Ua, None if far.size == idx.size else far)
             _after_trial(lam, status, go, ok, change, chi2_atol)
             if convex_only and k.size and far.size:
                 status[far[~_positive_definite(H[far])]] = 7
@@ -1912,11 +1948,15 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
             f = np.flatnonzero(finished)
             x_out[idx[f]], chi_out[idx[f]], ier[idx[f]] = xa[f], obj[f], status[f]
             keep = ~finished
-            idx, xa, Ua, obj, g, H, lam, rw = (arr[keep] for arr in (idx, xa, Ua, obj, g, H, lam, rw))
+            kept = np.flatnonzero(keep)
+            # the two tables move into their spares (no fresh arrays)
+            Ua, spare = np.take(Ua, kept, axis=0, out=spare[:kept.size]), Ua
+            a_rows, a_spare = np.take(a_rows, kept, axis=0, out=a_spare[:kept.size]), a_rows
+            idx, xa, obj, g, H, lam, rw = (arr[keep] for arr in (idx, xa, obj, g, H, lam, rw))
             live = np.unique(rw)
             if live.size and live.size < len(Gc) // 2:
                 # keep the coefficient stacks compact as spectra finish
-                Gc, Hc, a = Gc[live], Hc[live], a[live]
+                Gc, Hc = Gc[live], Hc[live]
                 rw = np.searchsorted(live, rw)
     if idx.size:
         x_out[idx], chi_out[idx], ier[idx] = xa, obj, 5
