@@ -30,6 +30,7 @@ test step's weighted sum over pixels ``sum_p w_p Cov(theta_p)`` becomes ``(w @ U
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg.blas
 
 __all__ = ["SeparableCovariance", "separable_theta_covariance", "separable_error", "star_weight_profile"]
 
@@ -227,11 +228,12 @@ def separable_error(design_matrix, ivar, s2, covariance, censored_terms=None, n_
     K = A.shape[1]
     iv = np.asarray(ivar, dtype=float)[:, pixels]
     w = iv / (1.0 + iv * s2[pixels])
-    # (A^T diag(w_p)) @ A for 16 pixels at a time: batched BLAS products, ~20 MB of temporaries
+    # A^T diag(w_p) A as a symmetric rank-N update (BLAS syrk: half the work of a product) for
+    # each of these few pixels
     M = np.empty((pixels.size, K, K))
-    for b0 in range(0, pixels.size, 16):
-        wb = w[:, b0:b0 + 16]
-        np.matmul(A.T[None, :, :] * wb.T[:, None, :], A, out=M[b0:b0 + 16])
+    for i in range(pixels.size):
+        upper = scipy.linalg.blas.dsyrk(1.0, (A * np.sqrt(w[:, i])[:, None]).T)  # (K, N) in Fortran order
+        M[i] = upper + np.triu(upper, 1).T
     if censored_terms is not None:
         cens = np.asarray(censored_terms, dtype=bool)[pixels]
         # a censored term is fixed: its row and column are dropped (identity in the inverse, zeroed after)
