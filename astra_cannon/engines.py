@@ -1816,15 +1816,25 @@ def _levenberg_marquardt(stats, vectorizer, x0, rows, max_iterations=100, chi2_a
 def _stacked(stack, rows, X):
     """``X[i] @ stack[rows[i]]`` for every row ``i`` (X: (R, n), stack: (S, n, k)) -> (R, k).
 
-    Rows of one spectrum are stacked side by side against the whole stack (unused spectra get
-    zero rows), so no per-spectrum matrix is ever copied: gathering ``stack[rows]`` moves more
-    memory than the products cost.
+    Rows of one spectrum are stacked side by side against the stack (unused spectra get zero
+    rows), so no per-spectrum matrix is copied per row: gathering ``stack[rows]`` moves more
+    memory than the products cost. The product reads the stack from the first to the last
+    spectrum used; when those are mostly unused (a few rows left), the used matrices are
+    gathered once instead.
     """
     n = X.shape[1]
+    rows = np.asarray(rows)
+    if not rows.size:
+        return np.zeros((0, stack.shape[2]), dtype=np.result_type(X, stack))
+    used, inv, slot, width = _slots(rows)
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    if 3 * used.size < hi - lo:
+        stack, at = stack[used], inv  # a gather reads and writes each matrix once, the product reads it
+    else:
+        stack, at = stack[lo:hi], rows - lo
     S = len(stack)
-    _, _, slot, width = _slots(rows)
     Z = np.zeros((S * width, n), dtype=X.dtype)
-    pos = np.asarray(rows) * width + slot
+    pos = at * width + slot
     Z[pos] = X
     return (Z.reshape(S, width, n) @ stack).reshape(S * width, -1)[pos]
 
@@ -2005,11 +2015,16 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
     a = a[spectra]
     Hc = basis.hessian_coefficients(a)
 
+    def poly_hessian(stack, xs, rows_):
+        """The Hessian of polynomial coefficient stacks at xs, rows ``rows_`` of the stack
+        (no gather of the 21 MB stack per call)."""
+        return basis.unpack_hessian(_stacked(stack, rows_, basis.values_at(xs, basis.hess_monomials)))
+
     def exact(xs, rows_):
         """chi2, half-gradient D^T u, u and the half Hessian of the objective at xs."""
         u, chi2 = stats.exact_residual(spectra[rows_], vectorizer._vector_rows(xs))
         g = np.einsum("rkl,rk->rl", vectorizer._derivative_rows(xs), u)
-        return chi2, g, u, 0.5 * basis.hessian(None, xs, coefficients=Hc[rows_])
+        return chi2, g, u, 0.5 * poly_hessian(Hc, xs, rows_)
 
     def plain(xs, rows_):
         chi2, g, u, H = exact(xs, rows_)
@@ -2034,7 +2049,7 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
         GV, GD = G.products(rows_, V, D)
         Dt = np.transpose(D, (0, 2, 1))
         return (np.einsum("rk,rk->r", V, GV), (Dt @ GV[:, :, None])[:, :, 0], Dt @ GD,
-                0.5 * basis.hessian(None, xs, coefficients=Hg[rows_]))
+                0.5 * poly_hessian(Hg, xs, rows_))
 
     def corrected(xs, rows_):
         chi2, g, u, H = exact(xs, rows_)
@@ -2148,9 +2163,7 @@ class _NoiseMatrices:
 def _data_curvature(basis, H_half, u, x):
     """The Gauss-Newton matrix ``D^T Q D``: the objective's half Hessian ``H_half`` at ``x``
     less the residual's curvature ``sum_k u_k d2 v_k`` (``u = Q v - c``)."""
-    au = np.zeros((len(u), basis.n_monomials))
-    au[:, basis.term_index] = u
-    return H_half - basis.hessian(au, x)
+    return H_half - basis.term_hessian(u, x)
 
 
 def _newton_polish(evaluate, basis, coef, xb, rows, nfev, ier, max_iterations, chi2_atol):

@@ -150,6 +150,14 @@ class MonomialBasis:
                                      np.concatenate(g_vals), len(self.grad_monomials) * L)
         self._hess_map = _gather_map(np.concatenate(h_rows), h_slot * Lt + np.concatenate(h_pair),
                                      np.concatenate(h_vals), max(1, len(self.hess_monomials)) * Lt)
+        # The part of that map whose source is a term of the label vector, for
+        # term_hessian: (term, Hessian monomial slot, factor) per entry and the entries' pairs.
+        src, fac = self._hess_map
+        term_of = np.full(M, -1)
+        term_of[self.term_index] = np.arange(K)
+        entries = np.flatnonzero((fac != 0) & (term_of[src] >= 0))
+        self._term_hess = (term_of[src[entries]], entries // Lt, fac[entries],
+                           np.eye(Lt)[entries % Lt] if entries.size else np.zeros((0, Lt)))
 
     @property
     def n_monomials(self):
@@ -200,13 +208,27 @@ class MonomialBasis:
         a[:, 0] += e
         return a
 
-    def values(self, x, out=None):
-        """Every monomial at scaled labels ``x`` (R, L): (R, M), written into ``out`` if given.
+    def values(self, x, out=None, upto=None):
+        """Every monomial at scaled labels ``x`` (R, L): (R, M), written into ``out`` if given;
+        with ``upto``, only the first ``upto`` columns (R, upto) (the table is graded, so e.g. the
+        derivatives' monomials of lower degree are a leading block).
 
         One product per run of the table (see :func:`_contiguous_runs`), else per degree
         level with ``np.take`` (3x faster than fancy indexing).
         """
         x = np.asarray(x, dtype=float)
+        if upto is not None:
+            if self._runs is None:
+                return self.values(x)[:, :upto]
+            # every run ending at or below upto, and the run that covers it
+            n = next((stop for _, stop, _, _ in self._runs if stop >= upto), self.n_monomials)
+            U = np.empty((x.shape[0], n))
+            U[:, 0] = 1.0
+            for start, stop, p_start, var in self._runs:
+                if start >= n:
+                    break
+                np.multiply(U[:, p_start:p_start + stop - start], x[:, var:var + 1], out=U[:, start:stop])
+            return U[:, :upto]
         U = np.empty((x.shape[0], self.n_monomials)) if out is None else out
         U[:, 0] = 1.0
         if self._runs is not None:
@@ -247,7 +269,7 @@ class MonomialBasis:
         """Gradient (R, L) of ``sum_m a[r, m] x^m`` at ``x`` (R, L), one row each; or from
         ``coefficients = gradient_coefficients(a)`` when they are at hand."""
         Gc = self.gradient_coefficients(a) if coefficients is None else coefficients
-        return np.einsum("rgl,rg->rl", Gc, self.values(x)[:, self.grad_monomials])
+        return np.einsum("rgl,rg->rl", Gc, self.values_at(x, self.grad_monomials))
 
     def hessian_coefficients(self, a, dtype=np.float64):
         """(S, H, L (L + 1) / 2): ``hess chi2`` (upper triangle, ``numpy.triu_indices`` order) is
@@ -270,8 +292,23 @@ class MonomialBasis:
         if not len(self.hess_monomials):
             return np.zeros((len(x), self.n_labels, self.n_labels))
         Hc = self.hessian_coefficients(a) if coefficients is None else coefficients
-        U = self.values(x)
-        return self.unpack_hessian(np.einsum("rh,rhk->rk", U[:, self.hess_monomials], Hc))
+        return self.unpack_hessian(np.einsum("rh,rhk->rk", self.values_at(x, self.hess_monomials), Hc))
+
+    def term_hessian(self, u, x):
+        """Hessian (R, L, L) of ``sum_k u[r, k] v_k(x)`` (``v`` the label vector, ``u`` (R, K)):
+        ``hessian`` of those coefficients, reading only the few entries the terms feed."""
+        k, h, fac, to_pair = self._term_hess
+        if not k.size:
+            return np.zeros((len(x), self.n_labels, self.n_labels))
+        U = self.values_at(x, self.hess_monomials)
+        return self.unpack_hessian((u[:, k] * fac * U[:, h]) @ to_pair)
+
+    def values_at(self, x, monomials):
+        """``values(x)[:, monomials]``, computing only the leading block when that is what they are."""
+        n = len(monomials)
+        if n and np.array_equal(monomials, np.arange(n)):
+            return self.values(x, upto=n)
+        return self.values(x)[:, monomials]
 
 
 def _contiguous_runs(parent, var):

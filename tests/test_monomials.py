@@ -66,6 +66,25 @@ def test_monomial_values_are_the_powers_of_the_labels(n_labels, order):
     direct = np.prod(x[:, None, :] ** basis.exponents[None], axis=2)
     np.testing.assert_allclose(basis.values(x), direct, rtol=1e-13, atol=1e-15)
     assert basis._runs is not None  # the table is built from slices, not gathers
+    for n in (1, len(basis.hess_monomials), len(basis.grad_monomials), basis.n_monomials // 2 + 1):
+        np.testing.assert_allclose(basis.values(x, upto=n), direct[:, :n], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("n_labels, order", [(6, 2), (3, 3)])
+def test_term_hessian_is_the_hessian_of_the_weighted_label_vector(n_labels, order):
+    rng = np.random.default_rng(6)
+    vec = PolynomialVectorizer([f"L{i}" for i in range(n_labels)], order)
+    basis = MonomialBasis(vec)
+    u = rng.normal(size=(4, vec.n_terms))
+    x = rng.uniform(-1, 1, (4, n_labels))
+    h = 1e-5
+    for l in range(n_labels):
+        d = np.zeros(n_labels)
+        d[l] = h
+        # d/dx_l of sum_k u_k dv_k/dx: central differences of the analytic label-vector derivative
+        grad = lambda z: np.einsum("rk,rkl->rl", u, vec.get_label_vector_derivative(z))  # noqa: E731
+        np.testing.assert_allclose(basis.term_hessian(u, x)[:, :, l], (grad(x + d) - grad(x - d)) / (2 * h),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_coefficient_stacks_are_blas_ready_in_the_precision_asked_for():
