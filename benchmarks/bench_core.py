@@ -341,7 +341,7 @@ def main(argv=None):
     src = os.path.dirname(astra_cannon.__file__)
     payload["source_sha256_12"] = {
         f: hashlib.sha256(open(os.path.join(src, f), "rb").read()).hexdigest()[:12]
-        for f in ("model.py", "engines.py", "fitting.py", "vectorizer.py")
+        for f in ("model.py", "engines.py", "fitting.py", "vectorizer.py", "monomials.py", "model_noise.py")
         if os.path.exists(os.path.join(src, f))}
     print(f"{payload['implementation']}; numpy {np.__version__}; "
           f"threadpools: {payload['environment']['threadpools']}")

@@ -26,6 +26,20 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def git_state():
+    """The checkout measured: HEAD and whether the package had uncommitted changes (JSON-safe)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "astra_cannon"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"head": head, "package_modified": bool(dirty)}
+
+
 def environment():
     """JSON-safe description of the machine, BLAS and library versions."""
     import scipy

@@ -52,7 +52,7 @@ def main(argv=None):
     ours_env = dict(env)
     if args.threads:
         ours_env["OPENBLAS_NUM_THREADS"] = str(args.threads)
-    rounds = []
+    rounds, sources = [], []  # the source each round of ours measured (a tree edited meanwhile shows)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
             ref, core = os.path.join(tmp, f"ref{i}.json"), os.path.join(tmp, f"core{i}.json")
@@ -65,13 +65,15 @@ def main(argv=None):
             with open(ref) as fh:
                 al = json.load(fh)["cases"][case]
             with open(core) as fh:
-                ours = json.load(fh)["cases"][case]
+                core_payload = json.load(fh)
+            ours = core_payload["cases"][case]
             r = {"al_train_s": al["train_s"], "ours_train_s": ours["train_s"],
                  "al_test_ms": al["test_s_per_spectrum"] * 1e3,
                  "ours_test_ms": ours["test_s_per_spectrum"] * 1e3}
             r["train_x"] = r["al_train_s"] / r["ours_train_s"]
             r["test_x"] = r["al_test_ms"] / r["ours_test_ms"]
             rounds.append(r)
+            sources.append(core_payload.get("source_sha256_12"))
             print(f"round {i + 1}: train AL {r['al_train_s']:.2f} s, ours {r['ours_train_s']:.3f} s "
                   f"({r['train_x']:.1f}x); test AL {r['al_test_ms']:.2f} ms, ours "
                   f"{r['ours_test_ms']:.3f} ms ({r['test_x']:.1f}x)", flush=True)
@@ -81,7 +83,10 @@ def main(argv=None):
           f"{summary['test_x']:.1f}x (AL {summary['al_test_ms']:.2f} ms, ours {summary['ours_test_ms']:.3f} ms)")
     out = args.out or os.path.join(common.RESULTS_DIR, f"paired_{case}_{args.threads or 'env'}threads.json")
     common.write_json(out, {"case": case, "n_test": n_test, "threads_ours": args.threads,
-                            "environment": common.environment(), "rounds": rounds, "median": summary})
+                            "environment": common.environment(), "git": common.git_state(),
+                            "source_sha256_12": sources, "rounds": rounds, "median": summary})
+    if any(src != sources[0] for src in sources):
+        print("warning: the source changed between rounds (see source_sha256_12)")
     print(f"wrote {out}")
 
 
