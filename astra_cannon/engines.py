@@ -882,6 +882,11 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
     # alternation (15142 on the benchmark), and the solves stay matrix-free.
     final_covariance = bool(theta_covariance) and solver == "cg"
     A32 = A.astype(np.float32) if solver == "cg" else None
+    # Conjugate gradients stop with theta within 0.1 weight_rtol of its standard error of the
+    # exact solution (chi2 left to gain below that squared): ten times inside what the
+    # alternations themselves leave (a finished pixel's theta is solved at weights within
+    # weight_rtol of its final ones).
+    cg_tol = (0.1 * weight_rtol) ** 2
     if solver == "direct" or final_covariance:
         # Only the distinct columns of the Khatri-Rao table enter the big product; every entry
         # of the K x K normal matrix is then gathered from its group (2.5x less work at 17 labels).
@@ -967,7 +972,8 @@ def train_pixels(design_matrix, flux, ivar, regularization=0.0, censored_terms=N
                 if pinv is None:
                     pinv = cg_preconditioner(A, w)
                 sol, n_cg, left = solve_normal_equations_cg(A, w, rhs, x0=theta[b0 + todo] if n_alt > 1 else None,
-                                                          max_iterations=_CG_MAX_ITERATIONS, preconditioner=pinv)
+                                                          tol=cg_tol, max_iterations=_CG_MAX_ITERATIONS,
+                                                          preconditioner=pinv)
                 cg_b += int(n_cg.sum())
                 if left.size:
                     # not converged (never seen on survey-like weights): solve those exactly
