@@ -1894,8 +1894,12 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
     a = a[used]
     # The Hessian only steers the steps (the gradient and each step's chi2 change are float64):
     # float32 halves the largest stack read every iteration.
-    Gc = basis.gradient_coefficients(a, dtype=np.float32 if single_gradient else np.float64)
-    Hc = basis.hessian_coefficients(a, dtype=np.float32)
+    # (in per-thread scratch arrays, as the monomial tables below)
+    g_dtype = np.float32 if single_gradient else np.float64
+    L_t = L * (L + 1) // 2
+    Gc = basis.gradient_coefficients(a, dtype=g_dtype, out=_scratch("lm_grad", (len(a), len(gi), L), g_dtype))
+    Hc = basis.hessian_coefficients(a, dtype=np.float32,
+                                    out=_scratch("lm_hess", (len(a), max(1, len(hi)), L_t), np.float32))
 
     # The monomial table (R x 5985 at 17 labels) is the largest array of an iteration: rows
     # are selected from it only where a subset is needed, and the derivatives read only their
@@ -1919,8 +1923,9 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
     M = basis.n_monomials
     spare, diff, rows_buf = (_scratch(f"lm_{name}", (R, M)) for name in ("spare", "diff", "rows"))
     Ua = basis.values(xa, out=_scratch("lm_table", (R, M)))
-    # each row's objective coefficients, kept in step with the working rows
-    a_rows = np.take(a, rw, axis=0, out=_scratch("lm_coef", (R, M)))
+    # each row's objective coefficients, kept in step with the working rows (np.take writes
+    # straight into ``out`` only with a mode other than "raise"; the indices are valid)
+    a_rows = np.take(a, rw, axis=0, out=_scratch("lm_coef", (R, M)), mode="clip")
     a_spare = _scratch("lm_coef_spare", (R, M))
     obj = np.einsum("rm,rm->r", a_rows, Ua)
     g, H = gradient(rw, Ua), hessian(rw, Ua)
@@ -1933,9 +1938,9 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
         if go.size:
             n_go, every = go.size, go.size == idx.size
             x_try = xa[go] - step[go]
-            U_go = Ua if every else np.take(Ua, go, axis=0, out=rows_buf[:n_go])
+            U_go = Ua if every else np.take(Ua, go, axis=0, out=rows_buf[:n_go], mode="clip")
             dU, U_try = basis.differences(U_go, xa[go], x_try, out=(diff[:n_go], spare[:n_go]))
-            change = np.einsum("rm,rm->r", a_rows if every else np.take(a_rows, go, axis=0, out=rows_buf[:n_go]), dU)
+            change = np.einsum("rm,rm->r", a_rows if every else np.take(a_rows, go, axis=0, out=rows_buf[:n_go], mode="clip"), dU)
             nfev[idx[go]] += 1
             ok = np.isfinite(change) & (change <= 0)
             k = go[ok]
@@ -1943,6 +1948,11 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
                 xa[k] = x_try[ok]
                 if k.size == idx.size:
                     Ua, spare = U_try, Ua  # every row moved: swap the tables
+                elif every and 2 * k.size > n_go:
+                    # most rows moved: the trial table takes the few others' rows and is swapped in
+                    stay = np.flatnonzero(~ok)
+                    U_try[stay] = Ua[stay]
+                    Ua, spare = U_try, Ua
                 else:
                     Ua[k] = U_try[ok]
                 obj[k] += change[ok]
@@ -1966,8 +1976,8 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
             keep = ~finished
             kept = np.flatnonzero(keep)
             # the two tables move into their spares (no fresh arrays)
-            Ua, spare = np.take(Ua, kept, axis=0, out=spare[:kept.size]), Ua
-            a_rows, a_spare = np.take(a_rows, kept, axis=0, out=a_spare[:kept.size]), a_rows
+            Ua, spare = np.take(Ua, kept, axis=0, out=spare[:kept.size], mode="clip"), Ua
+            a_rows, a_spare = np.take(a_rows, kept, axis=0, out=a_spare[:kept.size], mode="clip"), a_rows
             idx, xa, obj, g, H, lam, rw = (arr[keep] for arr in (idx, xa, obj, g, H, lam, rw))
             live = np.unique(rw)
             if live.size and live.size < len(Gc) // 2:

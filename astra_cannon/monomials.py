@@ -261,9 +261,10 @@ class MonomialBasis:
             dU[:, lev[0]:lev[-1] + 1] = dU[:, par] * x_new[:, var] + U[:, par] * dx[:, var]
         return dU, U_new
 
-    def gradient_coefficients(self, a, dtype=np.float64):
-        """(S, G, L), C-ordered: ``grad chi2 = sum_g values[:, grad_monomials[g]] * out[:, g, :]``."""
-        return _stack(self._grad_map, a, len(self.grad_monomials), self.n_labels, dtype)
+    def gradient_coefficients(self, a, dtype=np.float64, out=None):
+        """(S, G, L), C-ordered: ``grad chi2 = sum_g values[:, grad_monomials[g]] * out[:, g, :]``;
+        written into ``out`` (C-ordered, of that shape and ``dtype``) if given."""
+        return _stack(self._grad_map, a, len(self.grad_monomials), self.n_labels, dtype, out)
 
     def gradient(self, a, x, coefficients=None):
         """Gradient (R, L) of ``sum_m a[r, m] x^m`` at ``x`` (R, L), one row each; or from
@@ -271,11 +272,12 @@ class MonomialBasis:
         Gc = self.gradient_coefficients(a) if coefficients is None else coefficients
         return np.einsum("rgl,rg->rl", Gc, self.values_at(x, self.grad_monomials))
 
-    def hessian_coefficients(self, a, dtype=np.float64):
+    def hessian_coefficients(self, a, dtype=np.float64, out=None):
         """(S, H, L (L + 1) / 2): ``hess chi2`` (upper triangle, ``numpy.triu_indices`` order) is
-        ``sum_h values[:, hess_monomials[h]] * out[:, h, :]``; see :meth:`unpack_hessian`."""
+        ``sum_h values[:, hess_monomials[h]] * out[:, h, :]``; see :meth:`unpack_hessian`.
+        Written into ``out`` if given, as :meth:`gradient_coefficients`."""
         L = self.n_labels
-        return _stack(self._hess_map, a, max(1, len(self.hess_monomials)), L * (L + 1) // 2, dtype)
+        return _stack(self._hess_map, a, max(1, len(self.hess_monomials)), L * (L + 1) // 2, dtype, out)
 
     def unpack_hessian(self, packed):
         """(R, L (L + 1) / 2) upper triangles -> (R, L, L) symmetric matrices."""
@@ -343,12 +345,14 @@ def _gather_map(sources, columns, factors, n_columns):
     return src, fac
 
 
-def _stack(gather_map, a, rows, cols, dtype):
+def _stack(gather_map, a, rows, cols, dtype, out=None):
     """``a[:, src] * factor`` as a C-ordered (S, rows, cols) stack of per-spectrum matrices
     (numpy's stacked ``matmul`` hands C-ordered matrices to BLAS; other layouts run ~5x slower
     on every product that reads the stack, one per Levenberg-Marquardt iteration)."""
     src, fac = gather_map
-    # gathered in the output's precision (factors are small integers, exact in float32)
-    out = np.take(np.asarray(a, dtype=dtype), src, axis=1)
-    out *= fac.astype(dtype)
-    return out.reshape(len(a), rows, cols)
+    flat = None if out is None else out.reshape(len(a), rows * cols)
+    # gathered in the output's precision (factors are small integers, exact in float32);
+    # np.take writes straight into ``out`` only with a mode other than "raise"
+    flat = np.take(np.asarray(a, dtype=dtype), src, axis=1, out=flat, mode="clip")
+    flat *= fac.astype(dtype)
+    return flat.reshape(len(a), rows, cols)
