@@ -1946,10 +1946,8 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
             k = go[ok]
             if k.size:
                 xa[k] = x_try[ok]
-                if k.size == idx.size:
-                    Ua, spare = U_try, Ua  # every row moved: swap the tables
-                elif every and 2 * k.size > n_go:
-                    # most rows moved: the trial table takes the few others' rows and is swapped in
+                if every and 2 * k.size > n_go:
+                    # most rows moved: the trial table takes the others' rows and is swapped in
                     stay = np.flatnonzero(~ok)
                     U_try[stay] = Ua[stay]
                     Ua, spare = U_try, Ua

@@ -217,28 +217,22 @@ class MonomialBasis:
         level with ``np.take`` (3x faster than fancy indexing).
         """
         x = np.asarray(x, dtype=float)
-        if upto is not None:
-            if self._runs is None:
-                return self.values(x)[:, :upto]
-            # every run ending at or below upto, and the run that covers it
-            n = next((stop for _, stop, _, _ in self._runs if stop >= upto), self.n_monomials)
-            U = np.empty((x.shape[0], n))
-            U[:, 0] = 1.0
+        n = self.n_monomials
+        if upto is not None and self._runs is not None:
+            # the runs up to the one that covers column upto - 1
+            n = next((stop for _, stop, _, _ in self._runs if stop >= upto), n)
+        U = np.empty((x.shape[0], n)) if out is None else out
+        U[:, 0] = 1.0
+        if self._runs is not None:
             for start, stop, p_start, var in self._runs:
                 if start >= n:
                     break
                 np.multiply(U[:, p_start:p_start + stop - start], x[:, var:var + 1], out=U[:, start:stop])
-            return U[:, :upto]
-        U = np.empty((x.shape[0], self.n_monomials)) if out is None else out
-        U[:, 0] = 1.0
-        if self._runs is not None:
-            for start, stop, p_start, var in self._runs:
-                np.multiply(U[:, p_start:p_start + stop - start], x[:, var:var + 1], out=U[:, start:stop])
-            return U
-        for lev in self._levels:
-            np.multiply(np.take(U, self._parent[lev], axis=1), np.take(x, self._var[lev], axis=1),
-                        out=U[:, lev[0]:lev[-1] + 1])
-        return U
+        else:
+            for lev in self._levels:
+                np.multiply(np.take(U, self._parent[lev], axis=1), np.take(x, self._var[lev], axis=1),
+                            out=U[:, lev[0]:lev[-1] + 1])
+        return U if upto is None else U[:, :upto]
 
     def differences(self, U, x, x_new, exact_degree=2, out=None):
         """``values(x_new) - values(x)`` and ``values(x_new)``, for chi2 changes without cancellation;
