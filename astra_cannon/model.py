@@ -257,7 +257,7 @@ class CannonModel:
             noise. "auto" keeps the exact form when it takes at most 256 MB and the separable
             one otherwise: a 17-label quadratic model at 8575 pixels would need 0.5 GB, and
             building it (every pixel's 171 x 171 normal matrix and inverse) makes training
-            about 5x slower (24 s against 4.5-5 s for 1000 stars on one core).
+            about 5x slower (24 s against 4-5 s for 1000 stars on one core).
         solver : {"auto", "direct", "cg"}, optional
             How each pixel's weighted least-squares problem is solved: normal equations built
             and factorised per pixel, or preconditioned conjugate gradients (faster for many
