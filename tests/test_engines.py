@@ -224,12 +224,19 @@ def test_threads_share_test_batches_without_changing_the_result(truth):
     done = []
     # Both with a single-threaded BLAS: a multi-threaded one rounds its products differently.
     with engines._blas_limit(1):
-        one = label_spectra(*args, n_threads=1, batch_size=128)
+        same_batches = label_spectra(*args, n_threads=1, batch_size=150)
+        other_batches = label_spectra(*args, n_threads=1, batch_size=128)
     two = label_spectra(*args, n_threads=2, progress=done.append)
     assert sum(done) == 300 and len(done) == 2  # a batch of 150 for each thread
-    for key, value in one.items():
-        np.testing.assert_allclose(two[key], value, rtol=1e-12, atol=1e-14, err_msg=key)
-    assert one["flags"][3] != 0
+    # The same batches on one thread or two: the same numbers, bit for bit.
+    for key, value in same_batches.items():
+        np.testing.assert_array_equal(two[key], value, err_msg=key)
+    # Other batches: a batch's products may round differently (BLAS kernels block by matrix
+    # size), and chi2 is a difference of sums ~1e4 times larger than itself, so it keeps ~1e-12.
+    for key, value in other_batches.items():
+        rtol = 1e-10 if key in ("chi2", "rchi2") else 1e-12
+        np.testing.assert_allclose(two[key], value, rtol=rtol, atol=1e-14, err_msg=key)
+    assert two["flags"][3] != 0
 
 
 def test_batched_test_step_equals_reference_fit_spectrum(truth):
