@@ -716,3 +716,47 @@ def test_reused_scratch_buffers_leave_no_trace_between_batches(truth):
     again = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
     for name in ("Q", "c", "e", "snr", "mean_flux", "n_pixels"):
         np.testing.assert_array_equal(getattr(again, name), getattr(first, name), err_msg=name)
+
+
+@pytest.mark.parametrize("K", [1, 3, 10, 15])
+def test_vectorised_inverse_matches_lapack_and_falls_back_where_not_positive_definite(K):
+    from astra_cannon.engines import inverse_spd_pixels_last
+    from astra_cannon.model_noise import inverse_spd
+
+    rng = np.random.default_rng(K)
+    n = max(K, 12)  # (n == K too: the layout must not be guessed from the shape)
+    X = rng.normal(size=(n, 3 * K, K))
+    M = np.einsum("pnk,pnl->pkl", X, X) + 0.1 * np.eye(K)
+    M[1] = 0.0  # singular
+    v = rng.normal(size=K)
+    M[2] = np.outer(v, v)  # rank one
+    M[3] = -M[4]  # negative definite
+    Xt = np.ascontiguousarray(M.transpose(1, 2, 0))
+    before = Xt.copy()
+    got = inverse_spd_pixels_last(Xt).transpose(2, 0, 1)
+    np.testing.assert_array_equal(Xt, before)  # the input is left alone
+    for p in range(n):
+        # the rank-one matrix gets its pseudo-inverse, not numpy.linalg.inv's rounding noise
+        expected = np.outer(v, v) / (v @ v) ** 2 if p == 2 and K > 1 else inverse_spd(M[p])
+        np.testing.assert_allclose(got[p], expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max(), err_msg=p)
+
+
+def test_vectorised_inverse_training_equals_the_lapack_path(problem, monkeypatch):
+    A, flux, ivar = problem
+    fast = train_pixels(A, flux, ivar, theta_covariance=True)
+    monkeypatch.setattr(engines, "_SWEEP_MAX_TERMS", 0)
+    slow = train_pixels(A, flux, ivar, theta_covariance=True)
+    np.testing.assert_allclose(fast[0], slow[0], rtol=1e-9, atol=1e-12)
+    # (s2 far below the noise variance takes the rounding of chi2 amplified)
+    np.testing.assert_allclose(fast[1], slow[1], rtol=1e-7, atol=1e-14)
+    np.testing.assert_allclose(fast[2]["objective"], slow[2]["objective"], rtol=1e-9)
+    np.testing.assert_allclose(fast[2]["theta_cov"], slow[2]["theta_cov"], rtol=1e-6, atol=1e-12)
+    assert fast[2]["pixels_per_iteration"] == slow[2]["pixels_per_iteration"]
+    # and the covariance is the inverse at each pixel's final weights (to the alternation's
+    # weight tolerance)
+    K = A.shape[1]
+    for p in range(0, flux.shape[1], 29):
+        w = ivar[:, p] / (1.0 + ivar[:, p] * fast[1][p])
+        C = np.linalg.inv((A * w[:, None]).T @ A)
+        np.testing.assert_allclose(unpack_symmetric(fast[2]["theta_cov"][p], K), C, rtol=2e-2,
+                                   atol=2e-2 * np.abs(C).max())
