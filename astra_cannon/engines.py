@@ -2071,11 +2071,13 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
     With the model-noise statistics (``stats.g``: ``G = sum_p w_p Cov(theta_p)``, packed), the
     fit is then corrected as :func:`_fit_with_q` does on ``Q`` statistics, with the same
     definitions: the limit ``MAX_MODEL_NOISE_FRACTION`` on ``D^T G D`` against ``D^T Q D`` at
-    the plain optimum; the corrected objective ``chi2 - v^T G v`` (``G`` merged into its
-    polynomial, per spectrum) optimised from there and polished as above; a fit that stops
-    for leaving the region where that objective is convex (its Hessian no longer positive
-    definite, ``ier`` 7, or the iteration limit), or ends where ``D^T (Q - G) D`` is not
-    positive definite, replaced by one Gauss-Newton step of it from the plain optimum; and
+    the plain optimum (judged at ``x0``, after step 2's exact pass: step 3 is only taken for
+    the spectra that keep the plain fit); the corrected objective ``chi2 - v^T G v`` (``G``
+    merged into its polynomial, per spectrum) optimised from step 2's Newton step and polished
+    as above; a fit that stops for leaving the region where that objective is convex (its
+    Hessian no longer positive definite, ``ier`` 7, or the iteration limit), or ends where
+    ``D^T (Q - G) D`` is not positive definite, replaced by one Gauss-Newton step of it from
+    ``x0`` with the exact gradient there; and
     the sandwich ``Hc^-1 H Hc^-1`` with ``Hc = D^T (Q - G) D``, times ``1 + eps``. ``G`` is
     needed as a K x K matrix for that: ``D^T G D`` involves nearly all of its entries, and the
     corrected objective's own Hessian, which differs from it by ``sum_k (G v)_k d2 v_k``, made
@@ -2113,10 +2115,10 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
         return chi2, g, H, (chi2, u, H, g)
 
     every = np.arange(len(spectra))
-    x1, _, _, (chi1, u1, H1, g1), nfev_b, ier_b = _newton_polish(plain, basis, a, xb, every, nfev_b, ier_b,
-                                                              max_iterations, chi2_atol)
     dominated = np.zeros(len(spectra), dtype=bool)
     if stats.g is None:
+        x1, _, _, (chi1, u1, H1, g1), nfev_b, ier_b = _newton_polish(plain, basis, a, xb, every, nfev_b, ier_b,
+                                                                  max_iterations, chi2_atol)
         return pick, x1, chi1, _inverse_or_nan(_data_curvature(basis, H1, u1, x1)), nfev_b, ier_b, dominated
 
     K = basis.n_terms
@@ -2138,11 +2140,23 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
         value, g_noise, H_noise, H_noise_full = model_noise(xs, rows_)
         return chi2 - value, g - g_noise, H - H_noise_full, (chi2, u, H, value, g_noise, H_noise)
 
-    # At the plain optimum: the share of the data's curvature that the correction removes.
-    noise1 = model_noise(x1, every)
-    final = [x1.copy(), chi1, u1, H1, *noise1[:3]]  # x, chi2, u, half Hessian, v^T G v, D^T G v, D^T G D
-    H_data1 = _data_curvature(basis, H1, u1, x1)
-    dominated = ~_within_model_noise_limit(H_data1, noise1[2])
+    # The plain objective exactly at the polynomial's optimum xb (one pass over the pixels):
+    # there the share of the data's curvature that the correction removes is judged, and its
+    # Newton step starts the corrected fit. Only the spectra that keep the plain fit are then
+    # polished to its exact optimum (below): for the others a verified plain optimum would
+    # cost a second pass and change nothing.
+    chi0, g0, u0, H0 = exact(xb, every)
+    nfev_b += 1
+    step = _solve_spd(H0, g0)
+    with np.errstate(invalid="ignore"):
+        # (a step that is not a descent direction, e.g. where H0 is not positive definite, is
+        # not taken: the corrected fit then starts at xb)
+        descent = np.all(np.isfinite(step), axis=1) & (np.einsum("rl,rl->r", g0, step) >= 0)
+    x1 = np.where(descent[:, None], xb - step, xb)
+    noise0 = model_noise(xb, every)
+    H_data0 = _data_curvature(basis, H0, u0, xb)
+    dominated = ~_within_model_noise_limit(H_data0, noise0[2])
+    final = [xb.copy(), chi0, u0, H0, *noise0[:3]]  # x, chi2, u, half Hessian, v^T G v, D^T G v, D^T G D
     c = np.flatnonzero(~dominated)
     if c.size:
         ac = a[c] - gam[c]
@@ -2169,9 +2183,10 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
         run = ~convex
         if run.any():
             # One Gauss-Newton step of the corrected objective from the plain optimum (convex
-            # there: within the limit), the first-order corrected estimate.
+            # there: within the limit; at xb, where the exact gradient is known), the
+            # first-order corrected estimate.
             r = c[run]
-            x_step = x1[r] - _solve_spd(H_data1[r] - noise1[2][r], g1[r] - noise1[1][r])
+            x_step = xb[r] - _solve_spd(H_data0[r] - noise0[2][r], g0[r] - noise0[1][r])
             _, _, _, ex_s = corrected(x_step, r)
             nfev_b[r] += 1
             ok_s = np.all(np.isfinite(x_step), axis=1) & _positive_definite(
@@ -2187,6 +2202,14 @@ def _polynomial_fit(stats, basis, vectorizer, x0, rows, max_iterations, chi2_ato
         for arr, new in zip(final[1:], ex3):
             arr[keep] = new[convex]
         ier_b[keep] = ier3[convex]
+    d = np.flatnonzero(dominated)
+    if d.size:
+        # the plain fit, kept where the model's noise dominates: to its exact optimum
+        xd, _, _, (chi_d, u_d, H_d, _), nfev_b[d], ier_b[d] = _newton_polish(
+            lambda xs, r: plain(xs, d[r]), basis, a[d], xb[d], np.arange(d.size), nfev_b[d], ier_b[d],
+            max_iterations, chi2_atol, first=(chi0[d], g0[d], H0[d]))
+        for arr, new in zip(final, (xd, chi_d, u_d, H_d, *model_noise(xd, d)[:3])):
+            arr[d] = new
     x_f, chi_f, u_f, H_f, gamma_f, noise_grad_f, noise_H_f = final
     H = _data_curvature(basis, H_f, u_f, x_f)  # D^T Q D
     eps = np.maximum(gamma_f / stats.n_pixels[spectra], 0.0)
@@ -2248,22 +2271,24 @@ def _data_curvature(basis, H_half, u, x):
     return H_half - basis.term_hessian(u, x)
 
 
-def _newton_polish(evaluate, basis, coef, xb, rows, nfev, ier, max_iterations, chi2_atol):
+def _newton_polish(evaluate, basis, coef, xb, rows, nfev, ier, max_iterations, chi2_atol, first=None):
     """Take optima ``xb`` of the float32-built polynomials ``coef`` to the exact optimum.
 
     ``evaluate(x, rows)`` returns the exact objective, half gradient and half Hessian at ``x``
     and a tuple of per-row arrays kept for the result. One Newton step, verified by its
     decrement at the new point (and no rise of the objective); rows that fail are refitted by
     Levenberg-Marquardt on ``coef`` made exact (value and gradient) at ``xb``.
+    ``first``: the objective, half gradient and half Hessian at ``xb`` where already known
+    (counted in ``nfev`` by the caller).
     Returns ``x, objective, half Hessian, extras, nfev, ier``.
     """
-    obj0, g0, H0, _ = evaluate(xb, rows)
+    obj0, g0, H0 = evaluate(xb, rows)[:3] if first is None else first
     x1 = xb - _solve_spd(H0, g0)
     obj1, g1, H1, ex1 = evaluate(x1, rows)
     with np.errstate(invalid="ignore"):
         decrement = np.einsum("rl,rl->r", g1, _solve_spd(H1, g1))
     bad = np.flatnonzero(~((np.abs(decrement) <= _NEWTON_CHECK_ATOL * chi2_atol) & (obj1 <= obj0)))
-    nfev, ier = nfev + 2, ier.copy()
+    nfev, ier = nfev + (2 if first is None else 1), ier.copy()
     if bad.size:
         # Levenberg-Marquardt on the polynomial made exact (value, gradient) at xb
         ab = coef[bad].copy()

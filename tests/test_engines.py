@@ -465,6 +465,40 @@ def test_monomial_path_keeps_the_plain_fit_with_its_bias_where_the_model_noise_d
         assert out["chi2"][i] == pytest.approx(plain["chi2"][i] / (1 + vGv / n), rel=1e-6)
 
 
+def test_monomial_path_fits_a_batch_of_corrected_and_plain_spectra_as_each_alone(quartic, monkeypatch):
+    """Spectra that keep the plain fit and spectra that are corrected share a batch (and its
+    exact passes over the pixels) without changing each other's result."""
+    model, t = quartic
+    _, flux, ivar = t.sample(8)
+    starts = model.default_starts()
+    ratios = []
+    within = engines._within_model_noise_limit
+
+    def spy(H_data, H_noise):
+        vals, vecs = np.linalg.eigh(H_data)
+        root = vecs / np.sqrt(vals)[:, None, :]
+        ratios.extend(np.linalg.eigvalsh(np.transpose(root, (0, 2, 1)) @ H_noise @ root).max(axis=1))
+        return within(H_data, H_noise)
+
+    monkeypatch.setattr(engines, "_within_model_noise_limit", spy)
+
+    def fit(f, iv):
+        return label_spectra(model.theta, model.s2, model.vectorizer, model.fiducials, model.scales, f, iv,
+                             starts, theta_cov=model.theta_cov)
+
+    fit(flux, ivar)
+    # half of the batch over the limit
+    monkeypatch.setattr(engines, "MAX_MODEL_NOISE_FRACTION", float(np.median(ratios[:8])))
+    batch = fit(flux, ivar)
+    assert set(batch["flags"]) == {0, F.MODEL_NOISE_DOMINATED}
+    for i in range(8):
+        alone = fit(flux[i:i + 1], ivar[i:i + 1])
+        assert alone["flags"][0] == batch["flags"][i]
+        sigma = np.sqrt(np.diag(alone["cov"][0]))
+        np.testing.assert_allclose((batch["labels"][i] - alone["labels"][0]) / sigma, 0, atol=1e-5)
+        _assert_same_covariance(batch["cov"][i], alone["cov"][0])
+
+
 def test_monomial_path_runaway_takes_one_gauss_newton_step_of_the_corrected_objective(quartic, monkeypatch):
     """A corrected fit that ends where its objective is not convex is replaced by one
     Gauss-Newton step of the corrected objective from the plain optimum (checked against that
