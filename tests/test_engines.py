@@ -794,3 +794,23 @@ def test_vectorised_inverse_training_equals_the_lapack_path(problem, monkeypatch
         C = np.linalg.inv((A * w[:, None]).T @ A)
         np.testing.assert_allclose(unpack_symmetric(fast[2]["theta_cov"][p], K), C, rtol=2e-2,
                                    atol=2e-2 * np.abs(C).max())
+
+
+@pytest.mark.parametrize("bad_flux", [7.0, np.nan])
+def test_snr_and_mean_flux_are_the_median_and_mean_over_usable_pixels(truth, bad_flux):
+    """S/N is the median of f sqrt(w) over the usable pixels (w with the model's scatter), also
+    where flux is negative; checked against numpy row by row."""
+    _, flux, ivar = truth.sample(9, nan_bad=False)
+    flux[1] -= 1.0  # about half the pixels negative
+    flux[2] = -flux[2]  # all negative: S/N < 0
+    flux[3, ::3] *= -1
+    ivar[4, :7] = 0.0  # an odd and an even number of usable pixels
+    ivar[5, :8] = 0.0
+    flux[ivar == 0] = bad_flux
+    stats = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
+    for i in range(len(flux)):
+        good = ivar[i] > 0
+        w = ivar[i, good] / (1 + ivar[i, good] * truth.s2[good])
+        assert stats.snr[i] == pytest.approx(np.median(flux[i, good] * np.sqrt(w)), rel=1e-6), i
+        assert stats.mean_flux[i] == pytest.approx(np.mean(flux[i, good]), rel=1e-6, abs=1e-9), i
+    assert stats.snr[2] < 0 < stats.snr[0]
