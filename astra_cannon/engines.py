@@ -68,8 +68,6 @@ _SWEEP_MAX_TERMS = 15
 # 3-6 evaluations (17 labels x 1000 stars); one that leaves the region where the corrected
 # objective is convex runs on to any limit (68-101 evaluations of 100), 3x the whole fit.
 _CORRECTED_MAX_ITERATIONS = 20
-# Smallest batch of spectra a test-step thread is given.
-_MIN_THREAD_BATCH = 128
 # Default batches of the test step for models below and from _SINGLE_PRECISION_MIN_TERMS terms.
 _SMALL_MODEL_BATCH = 1024
 _LARGE_MODEL_BATCH = 256
@@ -118,7 +116,7 @@ def _small_matrix_blas():
 
 
 _CONTROLLER = None
-# ``active`` is set (per thread) while a thread of a pool works on batches next to others.
+# Per-thread scratch arrays (see _scratch).
 _THREADED = threading.local()
 
 
@@ -135,19 +133,6 @@ def _scratch(name, shape, dtype=np.float64):
     if buf is None or buf.size < size or buf.dtype != dtype:
         buf = cache[name] = np.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
-
-
-def _in_pool(fn):
-    """``fn`` for a thread pool: marks the worker thread as one of several while it runs."""
-
-    def run(*args):
-        _THREADED.active = True
-        try:
-            return fn(*args)
-        finally:
-            _THREADED.active = False
-
-    return run
 
 
 @functools.lru_cache(maxsize=16)
@@ -1356,6 +1341,12 @@ class SpectrumStatistics:
         Label vectors at which to compute every spectrum's chi2 in float64 pixel by pixel
         (``grid``): with a single-precision ``Q`` the chi2 from ``Q`` is only good to ~1e-3
         relative, too coarse to rank starting points.
+    merged : bool
+        ``theta_pairs`` is a :class:`astra_cannon.monomials.MonomialBasis` table: the
+        statistics are its monomials' sums ``q``, ``g`` instead of ``Q``, ``G``.
+    executor : concurrent.futures.Executor, optional
+        Threads to share the work: the spectra are swept in chunks (see :meth:`_chunks`), one
+        chunk a task. The results do not depend on it, bit for bit.
 
     Attributes
     ----------
@@ -1378,18 +1369,22 @@ class SpectrumStatistics:
         accuracy around a point. ``c``, ``e`` are always float64.
     """
 
-    # Budget for one (spectra x pixel block) float64 array of the elementwise work: in cache
-    # for one thread; in threads, operations this short hand the interpreter lock back and
-    # forth about as often as they compute (elementwise work on 512 kB blocks ran 1.2x faster
-    # on 2 cores than on one, on 2 MB blocks 1.7x; measured).
-    _BLOCK_ARRAY_BYTES = 512 * 2**10
-    _THREADED_BLOCK_ARRAY_BYTES = 2 * 2**20
+    # Pixels per block of the sweep, whatever the number of spectra (a chunk's float64 block
+    # arrays take at most 1 MB). 256 to 2048 measured: on one thread 256-512 were fastest, on
+    # two 512-2048 (narrower blocks hand the interpreter lock back and forth more often than
+    # two threads can use).
+    _PIXEL_BLOCK = 512
+    # Spectra swept together: the S/N's float32 rows and the bad-pixel mask of a chunk (11 MB
+    # for 256 spectra of 8575 pixels) stay near the cache (1000 spectra at once took 1.3x as
+    # long per spectrum, measured).
+    _CHUNK_SPECTRA = 256
+    # Smallest chunk made only to give a second thread work.
+    _MIN_CHUNK_SPECTRA = 64
 
     def __init__(self, theta, flux, ivar, s2, theta_pairs=None, extra_variance=None, theta_cov=None,
-                 summaries=True, candidates=None, merged=False):
+                 summaries=True, candidates=None, merged=False, executor=None):
         self._flux, self._ivar = np.asarray(flux), np.asarray(ivar)
         self.merged = merged
-        S, P = self._flux.shape
         s2 = np.asarray(s2, dtype=float)
         self._alive = np.isfinite(s2)
         self._all_alive = bool(self._alive.all())
@@ -1398,43 +1393,81 @@ class SpectrumStatistics:
         self._theta, self._pairs, self.K = theta, theta_pairs, theta.shape[1]
         self.single = _single_precision(self.K) if theta_pairs is None else theta_pairs.dtype == np.float32
         self._extra = extra_variance
+        self._summaries, self._candidates = summaries, candidates
+        self._separable = isinstance(theta_cov, SeparableCovariance)
+        self._theta_cov = theta_cov
+        if executor is None:
+            parts = [self._rows_statistics(rows) for rows in self._chunks()]
+        else:
+            parts = list(executor.map(self._rows_statistics, self._chunks()))
+        self._assemble(parts)
+
+    def _chunks(self):
+        """Row slices of at most ``_CHUNK_SPECTRA`` spectra, each swept over the pixels on its
+        own (in cache), of equal sizes and an even number of them from ``2 * _MIN_CHUNK_SPECTRA``
+        spectra on, so that two threads share any batch evenly. The partition does not depend
+        on the number of threads (nor, then, does the rounding of a chunk's matrix products)."""
+        S = self._flux.shape[0]
+        if S == 0:
+            return [slice(0, 0)]
+        n = -(-S // self._CHUNK_SPECTRA)
+        if n % 2 and S >= 2 * self._MIN_CHUNK_SPECTRA:
+            n += 1
+        size = -(-S // n)
+        return [slice(r, min(S, r + size)) for r in range(0, S, size)]
+
+    def _rows_statistics(self, rows):
+        """Per-spectrum sums, pixel counts and summaries of spectra ``rows`` (a slice), as a dict
+        (see :meth:`_sweep`); in this thread's scratch arrays, which are free again after."""
+        S, P = rows.stop - rows.start, self._flux.shape[1]
         # Batch-sized arrays are avoided (each is page-faulted in afresh, ~0.4 ms/MB); the
         # S/N median needs whole rows, in float32, and the bad pixels are found once at the end.
-        snr_vals = _scratch("snr", (S, P), np.float32) if summaries else None
+        snr_vals = _scratch("snr", (S, P), np.float32) if self._summaries else None
         bad_all = _scratch("bad", (S, P), bool)
-        blocks = self._blocks(S, P, threaded=getattr(_THREADED, "active", False))
-        separable = isinstance(theta_cov, SeparableCovariance)
-        sums = self._sweep(blocks, theta_cov.pixel_weights if separable else theta_cov, candidates, snr_vals,
-                           bad_all)
+        blocks = self._blocks(P)
+        cov = self._theta_cov
+        sums = self._sweep(blocks, cov.pixel_weights if self._separable else cov, self._candidates, snr_vals,
+                           bad_all, rows)
+        flat = np.flatnonzero(bad_all)  # row-major: each row's bad pixels in order
+        in_row = flat // P
+        n_bad = np.bincount(in_row, minlength=S)
+        sums["n_pixels"] = P - n_bad
+        if self._summaries:
+            fsum = sums["fsum"]
+            for i in np.flatnonzero(~np.isfinite(fsum)):
+                # a flux beyond float32's range (e.g. raw units): sum that spectrum in float64
+                use = ~bad_all[i]
+                fsum[i] = np.sum(np.where(use, self._flux[rows.start + i], 0.0), dtype=float)
+            _fill_bad_with_infs(snr_vals.reshape(-1), flat, in_row, n_bad)
+            sums["snr"] = _balanced_median(snr_vals, n_bad)
+        return sums
+
+    def _assemble(self, parts):
+        """Join the chunks' results (in row order) into this object's attributes."""
+        sums = {key: (None if parts[0][key] is None else np.concatenate([p[key] for p in parts]))
+                for key in parts[0]}
+        separable = self._separable
         # sum_p w_p sum_j U[p, j] C_j = (w @ U) @ C: the (S, J) weights of the shared matrices
         self.g_parts = sums["g"] if separable else None
-        self.g_shared = theta_cov.shared if separable else None
+        self.g_shared = self._theta_cov.shared if separable else None
         if separable:
-            sums["g"] = sums["g"] @ theta_cov.shared
+            sums["g"] = sums["g"] @ self._theta_cov.shared
         self._Qf, self.c, self.e, self._Gf, self.grid = sums["q"], sums["c"], sums["e"], sums["g"], sums["grid"]
-        fsum = sums["fsum"]
-        flat = np.flatnonzero(bad_all)  # row-major: each row's bad pixels in order
-        rows = flat // P
-        n_bad = np.bincount(rows, minlength=S)
-        self.n_pixels = P - n_bad
+        self.n_pixels = sums["n_pixels"]
         self._finish()
         if self.grid is not None:
             self.grid += self.e[:, None]
-        if summaries:
-            lost = np.flatnonzero(~np.isfinite(fsum))
-            for i in lost:
-                # a flux beyond float32's range (e.g. raw units): sum that spectrum in float64
-                use = ~bad_all[i]
-                fsum[i] = np.sum(np.where(use, self._flux[i], 0.0), dtype=float)
+        if self._summaries:
             with np.errstate(invalid="ignore", divide="ignore"):
-                self.mean_flux = fsum / self.n_pixels
-            _fill_bad_with_infs(snr_vals.reshape(-1), flat, rows, n_bad)
-            self.snr = _balanced_median(snr_vals, n_bad)
+                self.mean_flux = sums["fsum"] / self.n_pixels
+            self.snr = sums["snr"]
+        del self._theta_cov, self._candidates
 
-    def _sweep(self, blocks, theta_cov, candidates, snr_vals, bad_all):
-        """Q, c, e (G, the candidates' chi2, the flux sums) over pixel ``blocks``, as a dict of
-        sums; fills the blocks' columns of ``snr_vals`` (f sqrt(w)) and ``bad_all``."""
-        S = self._flux.shape[0]
+    def _sweep(self, blocks, theta_cov, candidates, snr_vals, bad_all, rows=None):
+        """Q, c, e (G, the candidates' chi2, the flux sums) of spectra ``rows`` (default all) over
+        pixel ``blocks``, as a dict of sums; fills the blocks' columns of ``snr_vals``
+        (f sqrt(w)) and ``bad_all``."""
+        S = bad_all.shape[0]
         Kt = self.K * (self.K + 1) // 2
         sums = {"q": np.zeros((S, self._pairs.shape[1] if self.merged else Kt)), "c": np.zeros((S, self.K)),
                 "e": np.zeros(S), "g": np.zeros((S, theta_cov.shape[1])) if theta_cov is not None else None,
@@ -1448,7 +1481,8 @@ class SpectrumStatistics:
         for sl in blocks:
             n = sl.stop - sl.start
             fb, wb, masked, (e_block, wfb) = self._block(sl, f[:, :n], r[:, :n], w[:, :n], bad_all[:, sl],
-                                                         lambda fl, wt: _weighted_flux(fl, wt, wf[:, :n]), state)
+                                                         lambda fl, wt: _weighted_flux(fl, wt, wf[:, :n]), state,
+                                                         rows)
             w32 = None
             if snr_vals is not None:
                 # w in float32 once, for G's product and the S/N below
@@ -1515,9 +1549,8 @@ class SpectrumStatistics:
         np.divide(1.0, rb, out=w)
         return fb, w, True, reduce(fb, w)
 
-    def _blocks(self, S, P, threaded=False):
-        budget = self._THREADED_BLOCK_ARRAY_BYTES if threaded else self._BLOCK_ARRAY_BYTES
-        width = max(16, budget // (8 * max(S, 1)))
+    def _blocks(self, P):
+        width = self._PIXEL_BLOCK
         if self._pairs is None:
             # The block's Khatri-Rao table of theta is built on the fly: bound it too.
             width = min(width, max(1, _BLOCK_BYTES // (8 * self.K * (self.K + 1) // 2)))
@@ -1629,7 +1662,7 @@ class SpectrumStatistics:
         R, K, P = len(rows), self.K, self._flux.shape[1]
         resid = np.zeros((R, K))
         chi = np.zeros(R)
-        blocks = self._blocks(R, P)
+        blocks = self._blocks(P)
         f, r, w, m = self._buffers(R, blocks)
         t = _scratch("block4", m.shape)
         bad = _scratch("bad_block", f.shape, bool)
@@ -2550,8 +2583,11 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         ``khatri_rao_upper(theta)`` when the caller keeps it (see :func:`theta_pairs_for`);
         otherwise built here when it takes at most 256 MB, or block by block per batch.
     n_threads : int, optional
-        Batches fitted in parallel threads (each with a single-threaded BLAS); by default as many
-        as the BLAS is configured for (``OPENBLAS_NUM_THREADS``). Results do not depend on it.
+        Threads, each with a single-threaded BLAS; by default as many as the BLAS is configured
+        for (``OPENBLAS_NUM_THREADS``). Below 28 terms they share each batch's statistics and
+        this thread fits it, and the results do not depend on ``n_threads``, bit for bit (a
+        different ``batch_size`` rounds the matrix products differently, ~1e-13 relative);
+        from 28 terms they fit whole batches (smaller ones, to keep every thread busy).
 
     Returns
     -------
@@ -2600,11 +2636,6 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         batch_size = _SMALL_MODEL_BATCH if K < _SINGLE_PRECISION_MIN_TERMS else _LARGE_MODEL_BATCH
     if n_threads is None:
         n_threads = _blas_threads()
-    if n_threads > 1:
-        # As many batches for every thread, of at least ~128 spectra where there are enough
-        # (smaller ones lose more to smaller matrix products than the balance gains, measured).
-        n_batches = n_threads * max(1, S // (n_threads * _MIN_THREAD_BATCH))
-        batch_size = min(batch_size, max(1, -(-S // n_batches)))
     if basis is not None:
         # The polynomial fit reads per-spectrum coefficient stacks every iteration (~230 kB a
         # spectrum at 17 labels): batches that keep them in cache run 25% faster (measured,
@@ -2613,18 +2644,19 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         n_batches = max(1, -(-S // min(batch_size, _POLYNOMIAL_BATCH)))
         n_batches = -(-n_batches // n_threads) * n_threads
         batch_size = max(1, -(-S // n_batches))
-    if n_threads > 1 and S <= batch_size:
+    if basis is not None and n_threads > 1 and S <= batch_size:
         n_threads = 1  # a single batch: its large products use the BLAS's own threads instead
+    # Ranking the shared starting points needs chi2 better than a float32 Q gives.
+    exact_grid = (not per_spectrum and not optimise_all and n_optimise < len(starts)
+                  and (pairs.dtype == np.float32 if pairs is not None else _single_precision(K)))
+    grid_vectors = vectorizer._vector_rows((starts - fiducials) / scales) if exact_grid else None
+    stats_kwargs = dict(theta_pairs=pairs, candidates=grid_vectors, merged=basis is not None, theta_cov=theta_cov32)
+    batches = [slice(b0, min(S, b0 + batch_size)) for b0 in range(0, S, batch_size)]
 
-    def run_batch(b0):
-        """Fit the spectra of one batch; disjoint rows of ``out``."""
-        sl = slice(b0, min(S, b0 + batch_size))
-        # Ranking the shared starting points needs chi2 better than a float32 Q gives.
-        exact_grid = (not per_spectrum and not optimise_all and n_optimise < len(starts)
-                      and (pairs.dtype == np.float32 if pairs is not None else _single_precision(K)))
-        grid_vectors = vectorizer._vector_rows((starts - fiducials) / scales) if exact_grid else None
-        stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, theta_pairs=pairs, candidates=grid_vectors,
-                                   merged=basis is not None, theta_cov=theta_cov32)
+    def run_batch(sl, executor=None):
+        """Fit the spectra of batch ``sl`` (its statistics built in ``executor``'s threads when
+        given); disjoint rows of ``out``."""
+        stats = SpectrumStatistics(theta, flux[sl], ivar[sl], s2, executor=executor, **stats_kwargs)
         nb = sl.stop - sl.start
         n_pix = stats.n_pixels
         out["n_pixels"][sl] = n_pix
@@ -2692,13 +2724,22 @@ def label_spectra(theta, s2, vectorizer, fiducials, scales, flux, ivar, starts, 
         return nb
 
     with contextlib.ExitStack() as stack:
-        if n_threads > 1:
-            # batches are independent: threads share them, each with a single-threaded BLAS
+        if n_threads > 1 and batches:
+            # each thread with a single-threaded BLAS
             stack.enter_context(_blas_limit(1))
-            done = stack.enter_context(concurrent.futures.ThreadPoolExecutor(n_threads)).map(
-                _in_pool(run_batch), range(0, S, batch_size))
+            executor = stack.enter_context(concurrent.futures.ThreadPoolExecutor(n_threads))
+            if basis is None:
+                # The statistics (numpy's elementwise loops and BLAS, which release the
+                # interpreter lock) are shared out in chunks; the fit's many small operations
+                # hold the lock and run in this thread (fitting one batch while the threads
+                # build the next one's statistics gained nothing, measured).
+                done = (run_batch(sl, executor) for sl in batches)
+            else:
+                # The polynomial fit's products are large (and release the lock): batches are
+                # independent, threads share them.
+                done = executor.map(run_batch, batches)
         else:
-            done = map(run_batch, range(0, S, batch_size))
+            done = map(run_batch, batches)
         for nb in done:
             if progress is not None:
                 progress(nb)

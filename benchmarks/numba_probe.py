@@ -141,7 +141,7 @@ def main(argv=None):
     def engine():
         return engines.SpectrumStatistics(theta, flux, ivar, s2, theta_pairs=pairs, theta_cov=cov32)
 
-    width = engine()._blocks(S, P)[0].stop  # the engine's own block width
+    width = engine()._blocks(P)[0].stop  # the engine's own block width
     parts = []
     fused = lambda: fused_sweep(theta, pairs, cov32, s2_dead, flux, ivar, width, parts)  # noqa: E731
     t_compile = time.perf_counter()

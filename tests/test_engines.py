@@ -1,5 +1,7 @@
 """Batched engines agree with the per-pixel / per-spectrum reference functions."""
 
+import concurrent.futures
+
 import numpy as np
 import pytest
 
@@ -216,27 +218,60 @@ def test_sufficient_statistics_reproduce_direct_chi2(truth):
         np.testing.assert_allclose(grid[:, c], np.nansum(w * (model[c] - np.nan_to_num(flux)) ** 2, axis=1), rtol=1e-9)
 
 
-def test_threads_share_test_batches_without_changing_the_result(truth):
+def test_threads_do_not_change_the_result_bit_for_bit(truth, monkeypatch):
     labels, flux, ivar = truth.sample(300)
-    flux[3] = np.nan  # a failed spectrum in one of the batches
+    flux[3] = np.nan  # a failed spectrum in one of the chunks
     starts = np.vstack([truth.fiducials, labels[:4]])
     args = (truth.theta, truth.s2, truth.vectorizer, truth.fiducials, truth.scales, flux, ivar, starts)
+    # Small chunks, so that each batch has several, some of unequal sizes.
+    monkeypatch.setattr(SpectrumStatistics, "_CHUNK_SPECTRA", 64)
     done = []
-    # Both with a single-threaded BLAS: a multi-threaded one rounds its products differently.
+    # With a single-threaded BLAS: a multi-threaded one rounds its products differently.
     with engines._blas_limit(1):
-        same_batches = label_spectra(*args, n_threads=1, batch_size=150)
-        other_batches = label_spectra(*args, n_threads=1, batch_size=128)
-    two = label_spectra(*args, n_threads=2, progress=done.append)
-    assert sum(done) == 300 and len(done) == 2  # a batch of 150 for each thread
-    # The same batches on one thread or two: the same numbers, bit for bit.
-    for key, value in same_batches.items():
+        one = label_spectra(*args, n_threads=1, batch_size=128)
+        other_batches = label_spectra(*args, n_threads=1, batch_size=77)
+    two = label_spectra(*args, n_threads=2, batch_size=128, progress=done.append)
+    assert done == [128, 128, 44]
+    for key, value in one.items():
         np.testing.assert_array_equal(two[key], value, err_msg=key)
-    # Other batches: a batch's products may round differently (BLAS kernels block by matrix
-    # size), and chi2 is a difference of sums ~1e4 times larger than itself, so it keeps ~1e-12.
+    # Other batches make other chunks, whose products may round differently (BLAS kernels
+    # block by matrix size), and chi2 is a difference of sums ~1e4 times larger than itself.
     for key, value in other_batches.items():
         rtol = 1e-10 if key in ("chi2", "rchi2") else 1e-12
         np.testing.assert_allclose(two[key], value, rtol=rtol, atol=1e-14, err_msg=key)
-    assert two["flags"][3] != 0
+    assert two["flags"][3] & F.NO_INFORMATION and not np.any(two["flags"][4:] & F.NO_INFORMATION)
+
+
+def test_statistics_in_chunks_and_threads_equal_one_sweep(truth, monkeypatch):
+    _, flux, ivar = truth.sample(90)
+    ivar[10, :50] = 0  # bad pixels in one chunk only
+    whole = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
+    monkeypatch.setattr(SpectrumStatistics, "_CHUNK_SPECTRA", 32)
+    serial = SpectrumStatistics(truth.theta, flux, ivar, truth.s2)
+    assert [(c.start, c.stop) for c in serial._chunks()] == [(0, 30), (30, 60), (60, 90)]
+    with engines._blas_limit(1), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        threaded = SpectrumStatistics(truth.theta, flux, ivar, truth.s2, executor=pool)
+    for name in ("Q", "c", "e", "n_pixels", "snr", "mean_flux"):
+        np.testing.assert_array_equal(getattr(threaded, name), getattr(serial, name), err_msg=name)
+        # (the S/N and mean flux are float32 sums)
+        rtol = 1e-6 if name in ("snr", "mean_flux") else 1e-12
+        np.testing.assert_allclose(getattr(threaded, name), getattr(whole, name), rtol=rtol, err_msg=name)
+    usable = (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
+    np.testing.assert_array_equal(threaded.n_pixels, usable.sum(axis=1))
+
+
+def test_chunks_are_even_in_number_and_bounded():
+    stats = SpectrumStatistics.__new__(SpectrumStatistics)
+    sizes = {}
+    for S in (0, 1, 100, 127, 128, 256, 257, 300, 600, 1024):
+        stats._flux = np.zeros((S, 1))
+        chunks = stats._chunks()
+        assert chunks[0].start == 0 and chunks[-1].stop == S
+        assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+        sizes[S] = [c.stop - c.start for c in chunks]
+    assert max(max(v) for v in sizes.values()) <= SpectrumStatistics._CHUNK_SPECTRA
+    assert sizes[100] == [100] and sizes[128] == [64, 64] and sizes[300] == [150, 150]
+    assert sizes[600] == [150] * 4 and sizes[1024] == [256] * 4
 
 
 def test_batched_test_step_equals_reference_fit_spectrum(truth):
