@@ -1374,6 +1374,10 @@ class SpectrumStatistics:
     # two 512-2048 (narrower blocks hand the interpreter lock back and forth more often than
     # two threads can use).
     _PIXEL_BLOCK = 512
+    # The monomial statistics (``merged``, from 28 terms) make one large product per block:
+    # wider blocks cost fewer of the elementwise passes' small calls (at 17 labels, 100
+    # spectra, 2048 pixels ran 5-15% faster than 512 on one thread and on two, measured).
+    _MERGED_PIXEL_BLOCK = 2048
     # Spectra swept together: the S/N's float32 rows and the bad-pixel mask of a chunk (11 MB
     # for 256 spectra of 8575 pixels) stay near the cache (1000 spectra at once took 1.3x as
     # long per spectrum, measured).
@@ -1550,7 +1554,7 @@ class SpectrumStatistics:
         return fb, w, True, reduce(fb, w)
 
     def _blocks(self, P):
-        width = self._PIXEL_BLOCK
+        width = self._MERGED_PIXEL_BLOCK if self.merged else self._PIXEL_BLOCK
         if self._pairs is None:
             # The block's Khatri-Rao table of theta is built on the fly: bound it too.
             width = min(width, max(1, _BLOCK_BYTES // (8 * self.K * (self.K + 1) // 2)))
