@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--save", help="write labels/cov of each mode to this .npz")
     args = ap.parse_args()
 
-    w = make_workload(n_labels=args.labels, n_train=args.n_train, n_test=300)
+    w = make_workload(n_labels=args.labels, n_train=args.n_train, n_test=max(300, args.n_test))
     model = trained_model(w, args.labels, args.n_train, args.cache,
                           "exact" if args.theta_cov else args.theta_covariance)
     flux, ivar = w["test_flux"][:args.n_test], w["test_ivar"][:args.n_test]
