@@ -1467,8 +1467,8 @@ class SpectrumStatistics:
             self.snr = sums["snr"]
         del self._theta_cov, self._candidates
 
-    def _sweep(self, blocks, theta_cov, candidates, snr_vals, bad_all, rows=None):
-        """Q, c, e (G, the candidates' chi2, the flux sums) of spectra ``rows`` (default all) over
+    def _sweep(self, blocks, theta_cov, candidates, snr_vals, bad_all, rows):
+        """Q, c, e (G, the candidates' chi2, the flux sums) of spectra ``rows`` (a slice) over
         pixel ``blocks``, as a dict of sums; fills the blocks' columns of ``snr_vals``
         (f sqrt(w)) and ``bad_all``."""
         S = bad_all.shape[0]
