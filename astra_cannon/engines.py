@@ -1977,7 +1977,7 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
     Conventions follow :func:`_levenberg_marquardt` (chi2 units, ``ier`` 1, 4, 5, 6, merged
     starts); the damping scales with ``|diag H|`` since far from the optimum the exact Hessian
     may be indefinite, and a step's chi2 change is computed from monomial differences
-    (:meth:`~astra_cannon.monomials.MonomialBasis.differences`), free of cancellation.
+    (:meth:`~astra_cannon.monomials.MonomialBasis.change`), free of cancellation.
 
     ``single_gradient``: the gradient's coefficients in float32 too (half the memory they
     take per iteration), for a search that is polished afterwards: its ~1e-7 relative error
@@ -2024,15 +2024,16 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
     xa = x0.copy()
     # The monomial tables live in per-thread scratch arrays (fresh arrays of this size cost the
     # kernel's zeroing of their pages in every iteration): the current one, the trial steps'
-    # new values and differences, and rows gathered from them.
+    # new values, and rows gathered from the table and from the coefficients.
     M = basis.n_monomials
-    spare, diff, rows_buf = (_scratch(f"lm_{name}", (R, M)) for name in ("spare", "diff", "rows"))
+    spare, rows_buf, coef_buf = (_scratch(f"lm_{name}", (R, M)) for name in ("spare", "rows", "coef_rows"))
     Ua = basis.values(xa, out=_scratch("lm_table", (R, M)))
     # each row's objective coefficients, kept in step with the working rows (np.take writes
     # straight into ``out`` only with a mode other than "raise"; the indices are valid)
     a_rows = np.take(a, rw, axis=0, out=_scratch("lm_coef", (R, M)), mode="clip")
     a_spare = _scratch("lm_coef_spare", (R, M))
     obj = np.einsum("rm,rm->r", a_rows, Ua)
+    high = basis.high_part(a_rows, Ua)  # (see MonomialBasis.change)
     g, H = gradient(rw, Ua), hessian(rw, Ua)
     lam = np.full(R, 1e-4)
     for _ in range(max_iterations):
@@ -2044,8 +2045,8 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
             n_go, every = go.size, go.size == idx.size
             x_try = xa[go] - step[go]
             U_go = Ua if every else np.take(Ua, go, axis=0, out=rows_buf[:n_go], mode="clip")
-            dU, U_try = basis.differences(U_go, xa[go], x_try, out=(diff[:n_go], spare[:n_go]))
-            change = np.einsum("rm,rm->r", a_rows if every else np.take(a_rows, go, axis=0, out=rows_buf[:n_go], mode="clip"), dU)
+            a_go = a_rows if every else np.take(a_rows, go, axis=0, out=coef_buf[:n_go], mode="clip")
+            change, U_try, high_try = basis.change(a_go, U_go, high[go], xa[go], x_try, out=spare[:n_go])
             nfev[idx[go]] += 1
             ok = np.isfinite(change) & (change <= 0)
             k = go[ok]
@@ -2059,6 +2060,7 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
                 else:
                     Ua[k] = U_try[ok]
                 obj[k] += change[ok]
+                high[k] = high_try[ok]
                 g[k] = gradient(rw[k], Ua, None if k.size == idx.size else k)
                 # The Hessian is refreshed after steps that gained more than 0.01 in chi2; after
                 # smaller ones it has hardly changed (Newton's convergence stays superlinear).
@@ -2081,7 +2083,7 @@ def _polynomial_lm(basis, a, x0, rows, max_iterations=100, chi2_atol=1e-10, sing
             # the two tables move into their spares (no fresh arrays)
             Ua, spare = np.take(Ua, kept, axis=0, out=spare[:kept.size], mode="clip"), Ua
             a_rows, a_spare = np.take(a_rows, kept, axis=0, out=a_spare[:kept.size], mode="clip"), a_rows
-            idx, xa, obj, g, H, lam, rw = (arr[keep] for arr in (idx, xa, obj, g, H, lam, rw))
+            idx, xa, obj, high, g, H, lam, rw = (arr[keep] for arr in (idx, xa, obj, high, g, H, lam, rw))
             live = np.unique(rw)
             if live.size and live.size < len(Gc) // 2:
                 # keep the coefficient stacks compact as spectra finish

@@ -123,6 +123,10 @@ class MonomialBasis:
         self._parent = np.zeros(M, dtype=np.intp)
         self._parent[1:] = index(exps[1:] - eye[self._var[1:]])
         self._levels = [np.flatnonzero(degree == d) for d in range(1, int(degree.max()) + 1)]
+        # The monomials up to the terms' own degree carry the objective's large coefficients
+        # (the pair sums of Q nearly cancel 2 c there): a leading block of the graded table.
+        self._exact_levels = int(E.sum(axis=1).max()) if K else 0
+        self._exact_stop = int(np.count_nonzero(degree <= self._exact_levels))
         self._runs = _contiguous_runs(self._parent, self._var)
         # Derivative maps: d/dx_a x^m = m_a x^(m - e_a); d2/dx_a dx_b likewise twice (upper
         # triangle a <= b only: the Hessian is symmetric).
@@ -234,26 +238,42 @@ class MonomialBasis:
                             out=U[:, lev[0]:lev[-1] + 1])
         return U if upto is None else U[:, :upto]
 
-    def differences(self, U, x, x_new, exact_degree=2, out=None):
-        """``values(x_new) - values(x)`` and ``values(x_new)``, for chi2 changes without cancellation;
-        ``out``: two (R, M) arrays to write them into (a fit's iterations reuse them: fresh
-        arrays of this size cost the kernel's zeroing of their pages each time).
+    def high_part(self, a, U):
+        """``sum_m a[r, m] U[r, m]`` over the monomials above the terms' degree (R,): the part
+        of the objective :meth:`change` takes as a plain difference."""
+        n = self._exact_stop
+        return np.einsum("rm,rm->r", a[:, n:], U[:, n:])
 
-        Up to ``exact_degree`` level by level, ``x'^m - x^m = (p' - p) x'_a + p (x'_a - x_a)``
-        for ``x^m = p x_a``: exact to the rounding of the difference itself. These carry the
-        large coefficients of the objective (``Q``'s pair sums nearly cancel ``2 c`` there,
-        ~1e5-1e6 at S/N 100); the higher monomials' coefficients are pair sums of the small
-        quadratic theta terms, where a plain difference of values loses only ~1e-14 chi2.
+    def change(self, a, U, high, x, x_new, out=None):
+        """The objective's change ``sum_m a[r, m] (x_new^m - x^m)`` from ``x`` to ``x_new`` (R, L),
+        free of cancellation, with ``U = values(x)`` and ``high = high_part(a, U)``.
+
+        Up to the terms' degree, level by level, ``x'^m - x^m = (p' - p) x'_a + p (x'_a - x_a)``
+        for ``x^m = p x_a``: exact to the rounding of the difference itself. These monomials
+        carry the large coefficients (``Q``'s pair sums nearly cancel ``2 c`` there, ~1e5-1e6
+        at S/N 100). Above, the coefficients are pair sums of the small higher-order theta
+        terms, and the difference of the two sums loses only ~1e-14 chi2: no table of
+        differences is written for them (one pass over the table fewer per step).
+
+        Returns
+        -------
+        change : ndarray, shape (R,)
+        U_new : ndarray, shape (R, M)
+            ``values(x_new)``, written into ``out`` if given (a fit's iterations reuse it:
+            fresh arrays of this size cost the kernel's zeroing of their pages each time).
+        high_new : ndarray, shape (R,)
+            ``high_part(a, U_new)``.
         """
-        dU, U_new = (None, None) if out is None else out
-        U_new = self.values(x_new, out=U_new)
-        dU = np.subtract(U_new, U, out=dU)
-        dx = x_new - x
+        U_new = self.values(x_new, out=out)
+        n = self._exact_stop
+        dU = np.empty((len(U), n))
         dU[:, 0] = 0.0
-        for lev in self._levels[:exact_degree]:
+        dx = x_new - x
+        for lev in self._levels[:self._exact_levels]:
             par, var = self._parent[lev], self._var[lev]
             dU[:, lev[0]:lev[-1] + 1] = dU[:, par] * x_new[:, var] + U[:, par] * dx[:, var]
-        return dU, U_new
+        high_new = self.high_part(a, U_new)
+        return np.einsum("rm,rm->r", a[:, :n], dU) + (high_new - high), U_new, high_new
 
     def gradient_coefficients(self, a, dtype=np.float64, out=None):
         """(S, G, L), C-ordered: ``grad chi2 = sum_g values[:, grad_monomials[g]] * out[:, g, :]``;

@@ -140,25 +140,54 @@ def test_merged_covariances_give_the_quadratic_form_and_its_gradient_in_the_labe
         basis.merge(C.reshape(50, -1))
 
 
-def test_differences_keep_the_small_changes_of_large_coefficients():
+def _exact_change(basis, a, x, x_new):
+    """sum_m a[r, m] (x_new^m - x^m) in exact rational arithmetic from the float inputs."""
+    from fractions import Fraction
+
+    out = []
+    for ar, xr, nr in zip(a, x, x_new):
+        total = Fraction(0)
+        for coef, exps in zip(ar, basis.exponents):
+            new = old = Fraction(1)
+            for xi, ni, p in zip(xr, nr, exps):
+                old *= Fraction(float(xi)) ** int(p)
+                new *= Fraction(float(ni)) ** int(p)
+            total += Fraction(float(coef)) * (new - old)
+        out.append(float(total))
+    return np.array(out)
+
+
+def test_change_keeps_the_small_changes_of_large_coefficients():
     rng = np.random.default_rng(3)
-    vec = PolynomialVectorizer(["A", "B", "C"], 2)
-    basis = MonomialBasis(vec)
+    basis = MonomialBasis(PolynomialVectorizer(["A", "B", "C"], 2))
     x = rng.uniform(-1, 1, (6, 3))
     x_new = x + 1e-9 * rng.normal(size=(6, 3))
-    dx = x_new - x  # the step as represented
+    # as in a spectrum's objective: large coefficients up to the terms' degree (2), small above
+    degree = basis.exponents.sum(axis=1)
+    a = np.where(degree <= 2, 1e6, 1.0) * rng.normal(size=(6, basis.n_monomials))
     U = basis.values(x)
-    dU, U_new = basis.differences(U, x, x_new)
+    change, U_new, high_new = basis.change(a, U, basis.high_part(a, U), x, x_new)
     np.testing.assert_array_equal(U_new, basis.values(x_new))
-    # to first order x'^m - x^m = grad(x^m) . dx: compare the quadratic and linear levels exactly
-    a = np.eye(basis.n_monomials)
-    Gc = basis.gradient_coefficients(a)  # one "spectrum" per monomial
-    grad = np.einsum("mgl,g->ml", Gc, U[0, basis.grad_monomials])
-    first_order = grad @ dx[0]
-    low = basis.exponents.sum(axis=1) <= 2  # exact differences: the large coefficients sit here
-    np.testing.assert_allclose(dU[0, low], first_order[low], rtol=1e-6, atol=1e-24)
-    # higher degrees: a plain difference, good to the rounding of the values (~1e-16)
-    np.testing.assert_allclose(dU[0], first_order, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(high_new, basis.high_part(a, U_new), rtol=0, atol=0)
+    exact = _exact_change(basis, a, x, x_new)
+    assert np.all(np.abs(exact) > 1e-6)  # the changes are real, ~1e-3
+    np.testing.assert_allclose(change, exact, rtol=1e-9, atol=1e-14)
+    # a plain difference of the two objectives loses ~1e-10 to cancellation: the test can tell
+    naive = np.einsum("rm,rm->r", a, U_new) - np.einsum("rm,rm->r", a, U)
+    assert np.max(np.abs(naive - exact) / np.abs(exact)) > 1e-8
+
+
+def test_change_is_exact_up_to_the_degree_of_the_terms():
+    """A cubic model's degree-3 monomials carry large coefficients too."""
+    rng = np.random.default_rng(4)
+    basis = MonomialBasis(PolynomialVectorizer(["A", "B"], 3))
+    x = rng.uniform(-1, 1, (4, 2))
+    x_new = x + 1e-9 * rng.normal(size=(4, 2))
+    degree = basis.exponents.sum(axis=1)
+    a = np.where(degree <= 3, 1e6, 1.0) * rng.normal(size=(4, basis.n_monomials))
+    U = basis.values(x)
+    change, _, _ = basis.change(a, U, basis.high_part(a, U), x, x_new)
+    np.testing.assert_allclose(change, _exact_change(basis, a, x, x_new), rtol=1e-9, atol=1e-14)
 
 
 def test_basis_needs_every_label_linearly():
