@@ -157,15 +157,21 @@ def _exact_change(basis, a, x, x_new):
     return np.array(out)
 
 
-def test_change_keeps_the_small_changes_of_large_coefficients():
-    rng = np.random.default_rng(3)
-    basis = MonomialBasis(PolynomialVectorizer(["A", "B", "C"], 2))
-    x = rng.uniform(-1, 1, (6, 3))
-    x_new = x + 1e-9 * rng.normal(size=(6, 3))
-    # as in a spectrum's objective: large coefficients up to the terms' degree (2), small above
+def _step_problem(seed, labels, order, rows):
+    """A basis, a small step x -> x_new and coefficients as in a spectrum's objective: large
+    up to the terms' degree (``order``), small above."""
+    rng = np.random.default_rng(seed)
+    basis = MonomialBasis(PolynomialVectorizer(labels, order))
+    x = rng.uniform(-1, 1, (rows, len(labels)))
+    x_new = x + 1e-9 * rng.normal(size=x.shape)
     degree = basis.exponents.sum(axis=1)
-    a = np.where(degree <= 2, 1e6, 1.0) * rng.normal(size=(6, basis.n_monomials))
+    a = np.where(degree <= order, 1e6, 1.0) * rng.normal(size=(rows, basis.n_monomials))
     U = basis.values(x)
+    return basis, a, U, x, x_new
+
+
+def test_change_keeps_the_small_changes_of_large_coefficients():
+    basis, a, U, x, x_new = _step_problem(3, ["A", "B", "C"], 2, 6)
     change, U_new, high_new = basis.change(a, U, basis.high_part(a, U), x, x_new)
     np.testing.assert_array_equal(U_new, basis.values(x_new))
     np.testing.assert_allclose(high_new, basis.high_part(a, U_new), rtol=0, atol=0)
@@ -179,13 +185,7 @@ def test_change_keeps_the_small_changes_of_large_coefficients():
 
 def test_change_is_exact_up_to_the_degree_of_the_terms():
     """A cubic model's degree-3 monomials carry large coefficients too."""
-    rng = np.random.default_rng(4)
-    basis = MonomialBasis(PolynomialVectorizer(["A", "B"], 3))
-    x = rng.uniform(-1, 1, (4, 2))
-    x_new = x + 1e-9 * rng.normal(size=(4, 2))
-    degree = basis.exponents.sum(axis=1)
-    a = np.where(degree <= 3, 1e6, 1.0) * rng.normal(size=(4, basis.n_monomials))
-    U = basis.values(x)
+    basis, a, U, x, x_new = _step_problem(4, ["A", "B"], 3, 4)
     change, _, _ = basis.change(a, U, basis.high_part(a, U), x, x_new)
     np.testing.assert_allclose(change, _exact_change(basis, a, x, x_new), rtol=1e-9, atol=1e-14)
 
