@@ -124,8 +124,9 @@ class MonomialBasis:
         self._parent[1:] = index(exps[1:] - eye[self._var[1:]])
         self._levels = [np.flatnonzero(degree == d) for d in range(1, int(degree.max()) + 1)]
         # The monomials up to the terms' own degree carry the objective's large coefficients
-        # (the pair sums of Q nearly cancel 2 c there): a leading block of the graded table.
-        self._exact_levels = int(E.sum(axis=1).max()) if K else 0
+        # (the pair sums of Q nearly cancel 2 c there), and for a linear model the degree-2
+        # ones hold its Fisher matrix: a leading block of the graded table.
+        self._exact_levels = min(len(self._levels), max(2, int(E.sum(axis=1).max())))
         self._exact_stop = int(np.count_nonzero(degree <= self._exact_levels))
         self._runs = _contiguous_runs(self._parent, self._var)
         # Derivative maps: d/dx_a x^m = m_a x^(m - e_a); d2/dx_a dx_b likewise twice (upper
@@ -248,8 +249,9 @@ class MonomialBasis:
         """The objective's change ``sum_m a[r, m] (x_new^m - x^m)`` from ``x`` to ``x_new`` (R, L),
         free of cancellation, with ``U = values(x)`` and ``high = high_part(a, U)``.
 
-        Up to the terms' degree, level by level, ``x'^m - x^m = (p' - p) x'_a + p (x'_a - x_a)``
-        for ``x^m = p x_a``: exact to the rounding of the difference itself. These monomials
+        Up to the terms' degree (at least 2), level by level,
+        ``x'^m - x^m = (p' - p) x'_a + p (x'_a - x_a)`` for ``x^m = p x_a``: exact to the rounding
+        of the difference itself. These monomials
         carry the large coefficients (``Q``'s pair sums nearly cancel ``2 c`` there, ~1e5-1e6
         at S/N 100). Above, the coefficients are pair sums of the small higher-order theta
         terms, and the difference of the two sums loses only ~1e-14 chi2: no table of

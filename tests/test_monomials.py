@@ -157,15 +157,15 @@ def _exact_change(basis, a, x, x_new):
     return np.array(out)
 
 
-def _step_problem(seed, labels, order, rows):
+def _step_problem(seed, labels, order, rows, large_degree=None):
     """A basis, a small step x -> x_new and coefficients as in a spectrum's objective: large
-    up to the terms' degree (``order``), small above."""
+    up to ``large_degree`` (by default the terms' degree, ``order``), small above."""
     rng = np.random.default_rng(seed)
     basis = MonomialBasis(PolynomialVectorizer(labels, order))
     x = rng.uniform(-1, 1, (rows, len(labels)))
     x_new = x + 1e-9 * rng.normal(size=x.shape)
     degree = basis.exponents.sum(axis=1)
-    a = np.where(degree <= order, 1e6, 1.0) * rng.normal(size=(rows, basis.n_monomials))
+    a = np.where(degree <= (large_degree or order), 1e6, 1.0) * rng.normal(size=(rows, basis.n_monomials))
     U = basis.values(x)
     return basis, a, U, x, x_new
 
@@ -183,9 +183,11 @@ def test_change_keeps_the_small_changes_of_large_coefficients():
     assert np.max(np.abs(naive - exact) / np.abs(exact)) > 1e-8
 
 
-def test_change_is_exact_up_to_the_degree_of_the_terms():
-    """A cubic model's degree-3 monomials carry large coefficients too."""
-    basis, a, U, x, x_new = _step_problem(4, ["A", "B"], 3, 4)
+@pytest.mark.parametrize("labels, order, large_degree", [(["A", "B"], 3, 3), (["A", "B", "C"], 1, 2)])
+def test_change_is_exact_up_to_the_degree_of_the_terms(labels, order, large_degree):
+    """A cubic model's degree-3 monomials carry large coefficients too; a linear model's
+    degree-2 ones (its Fisher matrix) stay exact as well."""
+    basis, a, U, x, x_new = _step_problem(4, labels, order, 4, large_degree)
     change, _, _ = basis.change(a, U, basis.high_part(a, U), x, x_new)
     np.testing.assert_allclose(change, _exact_change(basis, a, x, x_new), rtol=1e-9, atol=1e-14)
 
